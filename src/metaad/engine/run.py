@@ -1,0 +1,188 @@
+"""A run: pick the data, fit a model on defect-free images, set a threshold, evaluate, write the run folder.
+
+Run folder layout::
+
+    RUN/config.json      what was run (model, parameters, data, seeds)
+    RUN/model/           model.json + model.safetensors (see checkpoint.py)
+    RUN/threshold.json   the decision threshold and how it was set
+    RUN/metrics.json, roc.png, pro.png, scores.csv, worst/   the report on the test split
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from metaad.data.datasets import (
+    AnomalyDataset,
+    DataError,
+    ImageRecord,
+    folder_records,
+    mtd_records,
+    mvtec_categories,
+    mvtec_records,
+)
+from metaad.engine.checkpoint import save_model
+from metaad.engine.evaluation import compute_metrics, predict_dataset
+from metaad.engine.io import read_json, write_json
+from metaad.engine.report import write_report
+from metaad.models import get_config, registered_name
+
+THRESHOLD_FILE = "threshold.json"
+
+
+@dataclass
+class DataSpec:
+    """Where the data is: ``format`` is "mvtec" (root + category), "mtd" (root) or "folder"."""
+
+    root: str
+    format: str = "auto"
+    category: str | None = None
+    abnormal_dir: str | None = None
+    mask_dir: str | None = None
+    seed: int = 0
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        root = Path(self.root)
+        if (root / "MT_Free").is_dir():
+            return "mtd"
+        if self.category is not None or mvtec_categories(root):
+            return "mvtec"
+        return "folder"
+
+    def records(self, split: str) -> list[ImageRecord]:
+        fmt = self.resolved_format()
+        if fmt == "mtd":
+            return mtd_records(self.root, split, seed=self.seed)
+        if fmt == "mvtec":
+            if self.category is None:
+                raise DataError(
+                    f"{self.root}: MVTec-layout data needs --category; found: {', '.join(mvtec_categories(self.root))}"
+                )
+            return mvtec_records(self.root, self.category, split)
+        if fmt == "folder":
+            return folder_records(self.root, split, self.abnormal_dir, self.mask_dir, seed=self.seed)
+        raise ValueError(f"unknown data format {fmt!r}: expected auto, mvtec, mtd or folder")
+
+
+def split_calibration(records: list[ImageRecord], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded ``fraction`` of the defect-free training images to set the threshold."""
+    if fraction <= 0:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(records) * fraction)) if len(records) > 1 else 0
+    held = set(order[:n_held])
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> list[ImageRecord]:
+    """The k-shot protocol: a seeded random subset of k defect-free training images (all when None)."""
+    if shots is None or shots >= len(records):
+        return list(records)
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    return random.Random(seed).sample(list(records), shots)
+
+
+def calibrate_threshold(good_scores: np.ndarray, false_alarm_rate: float = 0.01) -> float:
+    """The (1 - false_alarm_rate) quantile of held-out defect-free scores: no test label is looked at."""
+    if good_scores.size == 0:
+        raise ValueError("no held-out defect-free images to set a threshold from")
+    return float(np.quantile(good_scores, 1.0 - false_alarm_rate, method="higher"))
+
+
+def fit_and_evaluate(
+    model: nn.Module,
+    data: DataSpec,
+    out: str | Path,
+    image_size: int = 256,
+    shots: int | None = None,
+    calibration_fraction: float = 0.1,
+    false_alarm_rate: float = 0.01,
+    batch_size: int = 16,
+    on_error: str = "raise",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit ``model`` on the training split, save it, set the threshold, evaluate on the test split."""
+    out = Path(out)
+    train_records = data.records("train")
+    test_records = data.records("test")
+    fit_records, calibration_records = split_calibration(train_records, calibration_fraction, data.seed)
+    fit_records = select_shots(fit_records, shots, data.seed)
+    train_set = AnomalyDataset(fit_records, image_size, on_error)
+    test_set = AnomalyDataset(test_records, image_size, on_error)
+    write_json(
+        out / "config.json",
+        {
+            "model": registered_name(model),
+            "params": get_config(model),
+            "data": vars(data),
+            "image_size": image_size,
+            "shots": shots,
+            "calibration_fraction": calibration_fraction,
+            "false_alarm_rate": false_alarm_rate,
+            "n_train": len(train_set),
+            "n_test": len(test_set),
+        },
+    )
+    tic = time.perf_counter()
+    model.fit(DataLoader(train_set, batch_size=batch_size, shuffle=False))
+    fit_seconds = time.perf_counter() - tic
+    model.eval()
+    save_model(model, out / "model")
+    threshold = None
+    if calibration_records:
+        calibration = predict_dataset(
+            model, AnomalyDataset(calibration_records, image_size, on_error), batch_size, progress
+        )
+        threshold = calibrate_threshold(calibration.scores, false_alarm_rate)
+        write_json(
+            out / THRESHOLD_FILE,
+            {
+                "threshold": threshold,
+                "false_alarm_rate": false_alarm_rate,
+                "n_calibration_images": len(calibration_records),
+                "method": "quantile of held-out defect-free training images' scores",
+            },
+        )
+    predictions = predict_dataset(model, test_set, batch_size, progress)
+    metrics = compute_metrics(predictions)
+    if threshold is not None:
+        decided = predictions.scores > threshold
+        metrics["accuracy_at_threshold"] = float(np.mean(decided == (predictions.labels == 1)))
+    metrics.update(
+        fit_seconds=fit_seconds,
+        ms_per_image=predictions.ms_per_image,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    write_report(out, predictions, metrics, threshold)
+    return metrics
+
+
+def read_threshold(run: str | Path) -> float | None:
+    """The calibrated threshold of a run folder, or None if it has none."""
+    path = Path(run) / THRESHOLD_FILE
+    return float(read_json(path)["threshold"]) if path.is_file() else None
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch and faiss (default: all cores)."""
+    if threads:
+        torch.set_num_threads(threads)
+        import faiss
+
+        faiss.omp_set_num_threads(threads)

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaad.backbones import BackboneWeightsError, create_backbone, load_pretrained
+from metaad.data.transforms import normalize
+
+
+def test_default_backbone_weights_classify_chelsea_as_a_cat():
+    """The offline EfficientNet-Lite0 weights are right: scikit-image's chelsea is a cat (ImageNet 281-285)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    model = load_pretrained("tf_efficientnet_lite0").eval()
+    image = torch.from_numpy(np.ascontiguousarray(skimage_data.chelsea())).permute(2, 0, 1).float() / 255
+    image = F.interpolate(image[None], size=(224, 224), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        top = model(normalize(image)).argmax(dim=1).item()
+    assert 281 <= top <= 285
+
+
+def test_feature_maps_have_declared_channels_and_strides():
+    backbone = create_backbone("tf_efficientnet_lite0", layers=(2, 3))
+    maps = backbone(torch.zeros(1, 3, 64, 64))
+    assert backbone.channels == [40, 112] and backbone.reductions == [8, 16]
+    assert [tuple(m.shape) for m in maps] == [(1, 40, 8, 8), (1, 112, 4, 4)]
+    assert not any(p.requires_grad for p in backbone.parameters())
+    backbone.train()
+    assert not backbone.training  # frozen batch norm stays in eval mode
+
+
+def test_backbone_without_offline_weights_says_what_to_pass():
+    with pytest.raises(BackboneWeightsError, match="weights=PATH"):
+        create_backbone("resnet18", layers=(2, 3))
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    from metaad.engine.io import save_tensors
+
+    source = load_pretrained("resnet18", weights="none")
+    torch.nn.init.constant_(source.conv1.weight, 0.5)
+    save_tensors(tmp_path / "resnet18.safetensors", source.state_dict())
+    backbone = create_backbone("resnet18", layers=(1, 2), weights=str(tmp_path / "resnet18.safetensors"))
+    assert torch.all(backbone.model.conv1.weight == 0.5)
+    with pytest.raises(BackboneWeightsError, match="not found"):
+        create_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_unknown_backbone_is_rejected():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("no_such_net")

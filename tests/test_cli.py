@@ -1,0 +1,81 @@
+import csv
+import json
+
+import pytest
+
+from metaad.cli.main import main
+
+
+def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(
+        [
+            "fit",
+            "--model",
+            "patchcore",
+            "--data",
+            str(synthetic_root),
+            "--category",
+            "weave",
+            "--out",
+            str(run),
+            "--image-size",
+            "64",
+            "--param",
+            "coreset_ratio=0.2",
+            "--param",
+            'search="exact"',
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["image_auroc"] > 0.8 and 0 <= metrics["pro"] <= 1
+    for name in (
+        "config.json",
+        "model/model.json",
+        "model/model.safetensors",
+        "threshold.json",
+        "roc.png",
+        "pro.png",
+        "scores.csv",
+    ):
+        assert (run / name).is_file(), name
+    assert len(list((run / "worst").glob("*.png"))) == 8
+
+    assert (
+        main(
+            [
+                "test",
+                "--run",
+                str(run),
+                "--data",
+                str(synthetic_root),
+                "--category",
+                "weave",
+                "--image-size",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((run / "test" / "metrics.json").read_text())["image_auroc"] == metrics["image_auroc"]
+
+    out = tmp_path / "pred"
+    assert (
+        main(
+            ["predict", "--run", str(run), str(synthetic_root / "weave" / "test" / "good"), "--out", str(out)]
+        )
+        == 0
+    )
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and all(r["decision"] in ("good", "anomalous") for r in rows)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 6
+    assert len(list((out / "overlays").glob("*.png"))) == 6
+
+
+def test_bad_input_gives_a_clear_error(tmp_path, capsys):
+    assert main(["fit", "--data", str(tmp_path), "--category", "nothing", "--out", str(tmp_path / "r")]) == 2
+    assert "category folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "no-such-model", "--data", str(tmp_path), "--out", str(tmp_path)])

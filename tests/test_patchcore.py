@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from metaad.data.datasets import AnomalyDataset, mvtec_records
+from metaad.engine.checkpoint import load_model, save_model
+from metaad.metrics import image_auroc
+from metaad.models.coreset import greedy_coreset
+from metaad.models.patchcore import PatchCore, gaussian_blur
+
+
+def _exact_greedy(points: np.ndarray, n: int, start: int) -> list[int]:
+    chosen = [start]
+    dist = ((points - points[start]) ** 2).sum(1)
+    for _ in range(n - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = np.minimum(dist, ((points - points[nxt]) ** 2).sum(1))
+    return sorted(chosen)
+
+
+def test_greedy_coreset_matches_a_plain_implementation():
+    points = torch.randn(300, 5, generator=torch.Generator().manual_seed(3))
+    selected = greedy_coreset(points, 20, shards=1, seed=0)
+    start = int(torch.randint(300, (1,), generator=_generator_after_permutation(300, 0)).item())
+    start_id = int(torch.randperm(300, generator=torch.Generator().manual_seed(0))[start])
+    assert selected.tolist() == _exact_greedy(points.numpy(), 20, start_id)
+
+
+def _generator_after_permutation(n: int, seed: int) -> torch.Generator:
+    generator = torch.Generator().manual_seed(seed)
+    torch.randperm(n, generator=generator)
+    return generator
+
+
+def test_sharded_coreset_covers_points_nearly_as_well_as_exact():
+    points = torch.randn(4000, 8, generator=torch.Generator().manual_seed(1))
+
+    def radius(idx):
+        return torch.cdist(points, points[idx]).min(dim=1).values.max().item()
+
+    exact = greedy_coreset(points, 200, shards=1)
+    sharded = greedy_coreset(points, 200, shards=8)
+    assert len(set(sharded.tolist())) == 200
+    random = torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:200]
+    assert radius(exact) <= radius(sharded) < radius(random)
+    assert radius(sharded) < 1.5 * radius(exact)
+
+
+def test_gaussian_blur_preserves_mass_and_smooths():
+    impulse = torch.zeros(1, 1, 41, 41)
+    impulse[0, 0, 20, 20] = 1.0
+    blurred = gaussian_blur(impulse, sigma=4.0)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
+    profile = blurred[0, 0, 20]
+    # a discrete Gaussian of sigma 4: value at offset 4 is exp(-0.5) of the peak
+    assert (profile[24] / profile[20]).item() == pytest.approx(math.exp(-0.5), rel=2e-2)
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root):
+    train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
+    test = AnomalyDataset(mvtec_records(synthetic_root, "weave", "test"), image_size=64)
+    model = PatchCore(coreset_ratio=0.25, search="exact").fit(DataLoader(train, batch_size=8), progress=False)
+    batch = next(iter(DataLoader(test, batch_size=len(test))))
+    return model, batch
+
+
+def test_patchcore_separates_synthetic_defects_and_localises_them(fitted):
+    model, batch = fitted
+    prediction = model.predict(batch["image"])
+    assert prediction.scores.shape == (len(batch["label"]),)
+    assert prediction.maps.shape == (len(batch["label"]), 64, 64)
+    assert image_auroc(batch["label"].numpy(), prediction.scores.numpy()) > 0.9
+    masks = batch["mask"][:, 0] > 0
+    inside = prediction.maps[masks].mean()
+    outside = prediction.maps[~masks].mean()
+    assert inside > outside
+    assert model.memory_bank.shape[0] == round(16 * 8 * 8 * 0.25)
+
+
+def test_saved_and_loaded_model_gives_identical_scores(fitted, tmp_path):
+    model, batch = fitted
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    before, after = model.predict(batch["image"]), loaded.predict(batch["image"])
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
+def test_ivf_search_is_stored_and_close_to_exact(synthetic_root, tmp_path):
+    train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
+    images = torch.stack([train[i]["image"] for i in range(len(train))])
+    model = PatchCore(coreset_ratio=1.0, ivf_min_bank=100, nprobe=8).fit(images, progress=False)
+    assert model.ivf_centroids.shape[0] == int(4 * math.sqrt(model.memory_bank.shape[0]))
+    exact = PatchCore(coreset_ratio=1.0, search="exact").fit(images, progress=False)
+    probe = images[:4] + 0.3 * torch.randn_like(images[:4])
+    approx_scores, exact_scores = model.predict(probe).scores, exact.predict(probe).scores
+    assert torch.all(approx_scores >= exact_scores - 1e-4)  # an approximate neighbour is never nearer
+    assert torch.allclose(approx_scores, exact_scores, rtol=0.1)
+    save_model(model, tmp_path)
+    assert torch.equal(load_model(tmp_path).predict(probe).scores, approx_scores)
+
+
+def test_unfitted_model_says_so():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PatchCore().predict(torch.zeros(1, 3, 64, 64))

@@ -28,6 +28,16 @@ def test_feature_maps_have_declared_channels_and_strides():
     assert not backbone.training  # frozen batch norm stays in eval mode
 
 
+def test_batchnorm_folding_keeps_the_features():
+    backbone = create_backbone("tf_efficientnet_lite0", layers=(2, 3))
+    unfolded = load_pretrained("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3)).eval()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        for folded_map, plain_map in zip(backbone(images), unfolded(images), strict=True):
+            assert torch.allclose(folded_map, plain_map, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+
+
 def test_backbone_without_offline_weights_says_what_to_pass():
     with pytest.raises(BackboneWeightsError, match="weights=PATH"):
         create_backbone("resnet18", layers=(2, 3))
@@ -40,7 +50,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     torch.nn.init.constant_(source.conv1.weight, 0.5)
     save_tensors(tmp_path / "resnet18.safetensors", source.state_dict())
     backbone = create_backbone("resnet18", layers=(1, 2), weights=str(tmp_path / "resnet18.safetensors"))
-    assert torch.all(backbone.model.conv1.weight == 0.5)
+    assert torch.allclose(backbone.model.conv1.weight, torch.tensor(0.5), rtol=1e-4)  # bn folded in
     with pytest.raises(BackboneWeightsError, match="not found"):
         create_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
 

@@ -11,6 +11,13 @@ from metaad.engine.checkpoint import load_model, save_model
 from metaad.models import MODELS, create_model
 
 TINY = {
+    "metaformer": {
+        "width_multiplier": 0.125,
+        "image_size": 64,
+        "adapt_epochs": 1,
+        "batch_size": 4,
+        "prior": "center-bias",
+    },
     "patchcore": {"coreset_ratio": 0.1, "search": "exact"},
 }
 

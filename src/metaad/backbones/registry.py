@@ -10,6 +10,7 @@ Anything else fails at once with a message that says what to pass.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,10 +64,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.name = name
         self.layers = tuple(layers)
-        self.model = model
         self.channels: list[int] = model.feature_info.channels()
         self.reductions: list[int] = model.feature_info.reduction()
-        self.requires_grad_(False)
+        model.requires_grad_(False)
+        self.model = fold_batchnorm(model.eval())
         self.eval()
 
     def train(self, mode: bool = True) -> Backbone:
@@ -75,6 +76,46 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(images))
+
+
+def fold_batchnorm(model: nn.Module, atol: float = 1e-3) -> nn.Module:
+    """Fold every batch norm that directly follows a convolution into it (inference only; the backbone is frozen).
+
+    Batch norm and its activation are a third of a CPU forward pass of EfficientNet-Lite. The folded model is
+    checked against the original on a random input and discarded (with the original kept) if they differ.
+    """
+    folded = copy.deepcopy(model)
+    for module in folded.modules():
+        previous = None
+        for name, child in list(module.named_children()):
+            if (
+                isinstance(child, nn.BatchNorm2d)
+                and isinstance(previous, nn.Conv2d)
+                and previous.out_channels == child.num_features
+                and child.track_running_stats
+            ):
+                _fold_into_conv(previous, child)
+                tail = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
+                setattr(module, name, nn.Sequential(*tail) if tail else nn.Identity())
+            previous = child
+    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(probe), folded(probe)
+    if all(torch.allclose(e, g, atol=atol, rtol=1e-3) for e, g in zip(expected, got, strict=True)):
+        return folded
+    return model
+
+
+def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = (
+        bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        if bn.affine
+        else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    )
+    shift = (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
+    conv.weight.data.mul_(scale.view(-1, 1, 1, 1))
+    bias = conv.bias.detach() * scale + shift if conv.bias is not None else shift
+    conv.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def create_backbone(
@@ -100,9 +141,7 @@ def load_pretrained(
     ``weights=PATH`` or ``weights="hub"``. ``weights="none"`` gives random weights (tests only).
     """
     if not timm.list_models(name):
-        raise ValueError(
-            f"unknown backbone {name!r}: expected a timm architecture, e.g. one of {sorted(BACKBONES)}"
-        )
+        raise ValueError(f"unknown backbone {name!r}: expected a timm architecture, e.g. one of {sorted(BACKBONES)}")
     use_hub = isinstance(weights, str) and weights == "hub"
     extra = {"features_only": True, "out_indices": out_indices} if features_only else {}
     model = timm.create_model(name, pretrained=use_hub, **extra)
@@ -145,9 +184,7 @@ def _load_file(model: nn.Module, path: Path, name: str) -> None:
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     if not isinstance(state, dict):
-        raise BackboneWeightsError(
-            f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}"
-        )
+        raise BackboneWeightsError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own}
     if len(matching) >= len(own):

@@ -22,11 +22,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -46,9 +53,7 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
-def save_tensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> Path:
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Save tensors as safetensors, atomically (contiguous CPU copies; shared storage is duplicated)."""
     flat = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))

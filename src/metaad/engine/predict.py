@@ -54,8 +54,7 @@ def predict_images(
             )
             rows.append({"path": path, "stem": stem, "score": score, "decision": decision})
     lines = ["path,score,decision,threshold"] + [
-        f"{r['path']},{r['score']:.6g},{r['decision']},{'' if threshold is None else f'{threshold:.6g}'}"
-        for r in rows
+        f"{r['path']},{r['score']:.6g},{r['decision']},{'' if threshold is None else f'{threshold:.6g}'}" for r in rows
     ]
     text = "\n".join(lines) + "\n"
     atomic_write(out / "predictions.csv", lambda tmp: tmp.write_text(text, encoding="utf-8"))

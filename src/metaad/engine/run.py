@@ -84,9 +84,7 @@ def split_calibration(records: list[ImageRecord], fraction: float, seed: int) ->
     random.Random(seed).shuffle(order)
     n_held = max(1, round(len(records) * fraction)) if len(records) > 1 else 0
     held = set(order[:n_held])
-    return [r for i, r in enumerate(records) if i not in held], [
-        r for i, r in enumerate(records) if i in held
-    ]
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
 def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> list[ImageRecord]:
@@ -167,6 +165,7 @@ def fit_and_evaluate(
     metrics.update(
         fit_seconds=fit_seconds,
         ms_per_image=predictions.ms_per_image,
+        ms_per_image_end_to_end=predictions.ms_per_image_end_to_end,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     write_report(out, predictions, metrics, threshold)

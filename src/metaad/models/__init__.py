@@ -7,9 +7,11 @@ from typing import Any
 
 from torch import nn
 
+from metaad.models.metaformer import Metaformer
 from metaad.models.patchcore import PatchCore
 
 MODELS: dict[str, type[nn.Module]] = {
+    "metaformer": Metaformer,
     "patchcore": PatchCore,
 }
 
@@ -29,17 +31,13 @@ def create_model(name: str, preset: str | None = None, **params: Any) -> nn.Modu
     if preset is not None:
         presets = getattr(cls, "PRESETS", {})
         if preset not in presets:
-            raise ValueError(
-                f"model {name!r} has no preset {preset!r}; presets: {', '.join(sorted(presets))}"
-            )
+            raise ValueError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(sorted(presets))}")
         settings.update(presets[preset])
     settings.update(params)
     accepted = model_params(cls)
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"model {name!r} got unknown parameter(s) {unknown}; accepted: {', '.join(accepted)}"
-        )
+        raise ValueError(f"model {name!r} got unknown parameter(s) {unknown}; accepted: {', '.join(accepted)}")
     return cls(**settings)
 
 

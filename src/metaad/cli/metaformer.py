@@ -1,0 +1,92 @@
+"""``metaad meta-train``: unsupervised meta-training of a universal Metaformer (Algorithm 1).
+
+Single process:  metaad meta-train --wild DIR [DIR ...] --out DIR --preset cpu
+Data-parallel:   torchrun --nproc-per-node N -m metaad.cli.main meta-train ...  (tasks split across ranks)
+Then adapt and evaluate:  metaad fit --model metaformer --init OUT/universal.safetensors --shots K ...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from metaad.meta.maml import MetaTrainConfig
+from metaad.models.metaformer import CONFIGURATIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``meta-train`` command."""
+    parser = subparsers.add_parser(
+        "meta-train",
+        help="meta-train a universal Metaformer on folders of wild images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--wild",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="folders of wild images (their images/ subfolder when present; masks are never read)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: universal.safetensors, checkpoint.safetensors, progress.json, the meta-task cache",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(MetaTrainConfig.PRESETS),
+        default="cpu",
+        help="'paper': 256 px, full width, 100 epochs, batch 64 (GPU); 'cpu': 64 px, width 1/8",
+    )
+    parser.add_argument(
+        "--configuration",
+        choices=CONFIGURATIONS,
+        default="A+P+T",
+        help="Table 3 variant to meta-train (default: the full A+P+T)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    parser.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    parser.add_argument(
+        "--prior",
+        default=None,
+        help="instance-prior weights (.safetensors); default: the shipped generator; "
+        "'center-bias' for the built-in stand-in",
+    )
+    parser.add_argument(
+        "--backbone",
+        default="tf_efficientnet_lite0",
+        help="embedding backbone for the meta-tasks (the paper: resnet18 with --backbone-weights)",
+    )
+    parser.add_argument("--backbone-weights", default=None, metavar="FILE", help="local weights file for --backbone")
+    parser.add_argument("--group-size", type=int, default=200, help="images per fine group (§4: about 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
+    parser.set_defaults(handler=run_meta_train)
+
+
+def run_meta_train(args: argparse.Namespace) -> int:
+    """Handler of ``metaad meta-train``: prints the universal checkpoint's path."""
+    from metaad.meta.maml import distributed_context, run_meta_training
+
+    path = run_meta_training(
+        wild=args.wild,
+        out=args.out,
+        preset=args.preset,
+        configuration=args.configuration,
+        resume=args.resume,
+        first_order=args.first_order,
+        epochs=args.epochs,
+        prior=args.prior,
+        backbone=args.backbone,
+        backbone_weights=args.backbone_weights,
+        group_size=args.group_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    if distributed_context()[0] == 0:
+        print(path)
+    return 0

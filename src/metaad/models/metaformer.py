@@ -1,0 +1,357 @@
+"""Metaformer (Wu et al., ICCV 2021): Î = A(I) ⊗ T(P(I); A(I)), adapted from a meta-learned universal model.
+
+A, the autoencoder of the supplementary's Table 1, reconstructs images in [0, 1] RGB space: inputs arrive
+ImageNet-normalised (metaad's convention), are mapped back with ``denormalize`` and the output is a sigmoid.
+P, the frozen instance-prior generator, gives a response map R in [0, 1]; T, a vanilla encoder-decoder
+transformer (8 heads, 3 + 3 layers, §3.2), takes R as the encoder's input and the reconstruction Ĩ = A(I) as
+the decoder's, and its output, folded back to an image-sized map R', re-weights Ĩ element-wise (eq. 8).
+Meta-training (Algorithm 1) lives in ``metaad.meta``; ``fit`` here is the meta-testing step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from metaad.data.batches import iter_image_batches
+from metaad.data.transforms import denormalize
+from metaad.engine.io import load_tensors
+from metaad.models.ssim import ssim_loss
+from metaad.types import AnomalyPrediction
+
+CONFIGURATIONS = ("A", "A+P", "A+P+T")  # Table 3 of the paper
+TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
+CENTER_BIAS = "center-bias"  # the built-in stand-in prior, used only when asked for by name
+UNIVERSAL_FORMAT = "metaad-metaformer-universal"
+ARCHITECTURE_ARGS = ("configuration", "width_multiplier", "image_size")
+
+
+def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0.1) -> torch.Tensor:
+    """Eq. (7): l_mse + λ·l_ssim between a reconstruction and its target, both in [0, 1]."""
+    return F.mse_loss(output, target) + ssim_weight * ssim_loss(output, target)
+
+
+def _scaled(channels: int, width_multiplier: float) -> int:
+    return max(1, round(channels * width_multiplier))
+
+
+class Autoencoder(nn.Module):
+    """A of the supplementary's Table 1: five 5×5 conv + BN + leaky ReLU + 2×2 max-pool stages (32→512),
+    average pool to 2×2, then upsample + five 5×5 transposed convs back to the input size; sigmoid output.
+
+    Module names follow the table (conv1, pool1, ..., avgpool, up1, tconv1, ..., tconv5) so that a test can
+    check each layer's output size. ``image_size`` must be a multiple of 32.
+    """
+
+    def __init__(self, width_multiplier: float = 1.0, image_size: int = 256, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        if image_size < 32 or image_size % 32:
+            raise ValueError(f"Metaformer image_size must be a multiple of 32 (five 2×2 pools), got {image_size}")
+        widths = [_scaled(c, width_multiplier) for c in TABLE1_CHANNELS]
+        encoder: OrderedDict[str, nn.Module] = OrderedDict()
+        previous = 3
+        for i, width in enumerate(widths, start=1):
+            encoder[f"conv{i}"] = nn.Conv2d(previous, width, 5, padding=2, bias=False)
+            encoder[f"bn{i}"] = nn.BatchNorm2d(width)
+            encoder[f"act{i}"] = nn.LeakyReLU(negative_slope)
+            encoder[f"pool{i}"] = nn.MaxPool2d(2)
+            previous = width
+        encoder["avgpool"] = nn.AdaptiveAvgPool2d(2)
+        decoder: OrderedDict[str, nn.Module] = OrderedDict()
+        # Table 1: 2×2 → 16×16 at 256 px, i.e. to image_size / 16, then ×2 before each of T.Conv2..5.
+        decoder["up1"] = nn.Upsample(size=(image_size // 16, image_size // 16), mode="bilinear")
+        outputs = [*widths[::-1][1:], 3]
+        for i, width in enumerate(outputs, start=1):
+            if i > 1:
+                decoder[f"up{i}"] = nn.Upsample(scale_factor=2, mode="bilinear")
+            decoder[f"tconv{i}"] = nn.ConvTranspose2d(previous, width, 5, padding=2, bias=i == len(outputs))
+            if i < len(outputs):
+                decoder[f"tbn{i}"] = nn.BatchNorm2d(width)
+                decoder[f"tact{i}"] = nn.LeakyReLU(negative_slope)
+            previous = width
+        decoder["out"] = nn.Sigmoid()
+        self.encoder = nn.Sequential(encoder)
+        self.decoder = nn.Sequential(decoder)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images in [0, 1] → reconstruction Ĩ in [0, 1]."""
+        return self.decoder(self.encoder(images))
+
+
+class PriorTransformer(nn.Module):
+    """T(R; Ĩ) of §3.2: a vanilla encoder-decoder transformer, 8 heads, 3 encoder and 3 decoder layers.
+
+    R and Ĩ are cut into 16×16-pixel patches (a 16×16 grid at 256 px); each patch is a token with a learned
+    position. R feeds the encoder, Ĩ the decoder; the decoder's tokens are mapped back to patches of R' and
+    passed through a sigmoid. Dropout is off so that meta-gradients are deterministic. d_model is 256 × width
+    (at least 32).
+    """
+
+    def __init__(self, image_size: int = 256, width_multiplier: float = 1.0, patch: int = 16) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} must be a multiple of the {patch}-pixel patch")
+        self.patch = patch
+        grid = image_size // patch
+        d_model = max(32, 8 * round(256 * width_multiplier / 8))
+        area = self.patch * self.patch
+        self.embed_prior = nn.Linear(area, d_model)
+        self.embed_reconstruction = nn.Linear(3 * area, d_model)
+        self.position_prior = nn.Parameter(torch.randn(1, grid * grid, d_model) * 0.02)
+        self.position_reconstruction = nn.Parameter(torch.randn(1, grid * grid, d_model) * 0.02)
+        self.transformer = nn.Transformer(
+            d_model,
+            nhead=8,
+            num_encoder_layers=3,
+            num_decoder_layers=3,
+            dim_feedforward=4 * d_model,
+            dropout=0.0,
+            batch_first=True,
+        )
+        self.head = nn.Linear(d_model, area)
+        nn.init.constant_(self.head.bias, 2.0)  # R' ≈ 0.88 at the start, so Î starts close to Ĩ
+
+    def forward(self, prior_map: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """R (B, 1, S, S) and Ĩ (B, 3, S, S) → R' (B, 1, S, S) in [0, 1]."""
+        size = reconstruction.shape[-2:]
+        source = self.embed_prior(F.unfold(prior_map, self.patch, stride=self.patch).transpose(1, 2))
+        target = self.embed_reconstruction(F.unfold(reconstruction, self.patch, stride=self.patch).transpose(1, 2))
+        tokens = self.transformer(source + self.position_prior, target + self.position_reconstruction)
+        patches = self.head(tokens).transpose(1, 2)
+        return torch.sigmoid(F.fold(patches, size, self.patch, stride=self.patch))
+
+
+class CenterBiasPrior(nn.Module):
+    """A parameter-free stand-in for P: an isotropic Gaussian centred on the image (the classic saliency
+    centre bias). Only used when ``prior="center-bias"``, e.g. for tests or before a trained P exists."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        ys = torch.linspace(-1, 1, height, device=images.device, dtype=images.dtype)
+        xs = torch.linspace(-1, 1, width, device=images.device, dtype=images.dtype)
+        prior = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * 0.5**2))
+        return prior.expand(images.shape[0], 1, height, width)
+
+
+class Metaformer(nn.Module):
+    """Metaformer anomaly detector: meta-tested from a universal model, scores by the reconstruction gap.
+
+    ``configuration`` picks Table 3's variant: "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R) or "A+P+T" (Î = Ĩ ⊗ R').
+    ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from; None trains from
+    scratch. ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs,
+    lr 1e-4, batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file
+    (None: metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module
+    mapping ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1]. P is frozen and not part of
+    ``state_dict``.
+
+    Anomaly map: squared error between I and Î (both in [0, 1]) averaged over RGB, Gaussian-smoothed with
+    ``smoothing_sigma`` pixels (at 256 px; scaled with ``image_size``), resized to the input size.
+    Image score: the map's maximum.
+
+    PRESETS: "paper" = the defaults (256 px, full width, §4 settings); "cpu" = 64 px, width 1/8, batch 16,
+    lr 1e-3, the size that the "cpu" meta-training preset produces.
+    """
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {},
+        "cpu": {"width_multiplier": 0.125, "image_size": 64, "batch_size": 16, "lr": 1e-3},
+    }
+
+    def __init__(
+        self,
+        configuration: str = "A+P+T",
+        width_multiplier: float = 1.0,
+        image_size: int = 256,
+        init: str | None = None,
+        adapt_epochs: int = 30,
+        lr: float = 1e-4,
+        batch_size: int = 64,
+        ssim_weight: float = 0.1,
+        prior: str | None = None,
+        smoothing_sigma: float = 4.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if configuration not in CONFIGURATIONS:
+            raise ValueError(f"Metaformer configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
+        self.configuration = configuration
+        self.width_multiplier = width_multiplier
+        self.image_size = image_size
+        self.init = init
+        self.adapt_epochs = adapt_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.ssim_weight = ssim_weight
+        self.prior = prior
+        self.smoothing_sigma = smoothing_sigma
+        self.seed = seed
+        self.autoencoder = Autoencoder(width_multiplier, image_size)
+        self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
+        self.__dict__["_prior_module"] = None  # kept out of the module tree: P is frozen and stored apart
+
+    # -- the instance prior P ------------------------------------------------------------------------------
+
+    def set_prior(self, module: nn.Module) -> Metaformer:
+        """Use ``module`` as P (frozen, eval mode) instead of loading it from ``prior``."""
+        module.eval().requires_grad_(False)
+        self.__dict__["_prior_module"] = module
+        return self
+
+    @property
+    def prior_module(self) -> nn.Module | None:
+        """P, loaded on first use (None for configuration "A")."""
+        if self.configuration == "A":
+            return None
+        if self.__dict__["_prior_module"] is None:
+            if self.prior == CENTER_BIAS:
+                self.set_prior(CenterBiasPrior())
+            else:
+                try:
+                    from metaad.models.instance_prior import load_instance_prior
+                except ImportError as error:
+                    raise RuntimeError(
+                        f"Metaformer configuration {self.configuration!r} needs the instance-prior generator "
+                        f"(metaad.models.instance_prior could not be imported: {error}); pass "
+                        f"prior='{CENTER_BIAS}' for the built-in stand-in or call set_prior(module)"
+                    ) from error
+                self.set_prior(load_instance_prior(self.prior))
+        return self.__dict__["_prior_module"]
+
+    @torch.no_grad()
+    def compute_prior(self, images: torch.Tensor) -> torch.Tensor | None:
+        """R = P(I), (B, 1, S, S) in [0, 1], from ImageNet-normalised images; None for configuration "A"."""
+        prior = self.prior_module
+        if prior is None:
+            return None
+        prior.to(images.device)
+        response = prior(images)
+        if response.ndim != 4 or response.shape[:2] != (images.shape[0], 1):
+            raise ValueError(f"the instance prior must return (B, 1, H, W), got {tuple(response.shape)}")
+        if response.shape[-2:] != images.shape[-2:]:
+            response = F.interpolate(response, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return response.clamp(0.0, 1.0)
+
+    # -- the model ------------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, prior_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Î (eq. 8), (B, 3, S, S) in [0, 1], from ImageNet-normalised (B, 3, S, S) images.
+
+        ``prior_map`` is R when already computed (meta-training caches it); otherwise P runs here.
+        """
+        reconstruction = self.autoencoder(denormalize(images))
+        if self.configuration == "A":
+            return reconstruction
+        if prior_map is None:
+            prior_map = self.compute_prior(images)
+        if self.configuration == "A+P":
+            return reconstruction * prior_map
+        return reconstruction * self.transformer(prior_map, reconstruction)
+
+    def loss(self, images: torch.Tensor, prior_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. (7) between Î and I."""
+        return reconstruction_loss(self(images, prior_map), denormalize(images), self.ssim_weight)
+
+    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, S, S) smoothed squared reconstruction gap, from ImageNet-normalised (B, 3, S, S) images."""
+        gap = (self(images) - denormalize(images)).pow(2).mean(1, keepdim=True)
+        sigma = self.smoothing_sigma * self.image_size / 256
+        if sigma > 0:
+            gap = _gaussian_blur(gap, sigma)
+        return gap[:, 0]
+
+    # -- estimator API --------------------------------------------------------------------------------------
+
+    def load_universal(self, path: str) -> Metaformer:
+        """Load a universal checkpoint written by meta-training; its architecture must match this model's."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such universal checkpoint (write one with `metaad meta-train`)")
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != UNIVERSAL_FORMAT:
+            raise ValueError(
+                f"{path}: not a Metaformer universal checkpoint (metadata format is "
+                f"{metadata.get('format')!r}, expected {UNIVERSAL_FORMAT!r})"
+            )
+        saved = json.loads(metadata["model"])
+        mine = {name: getattr(self, name) for name in ARCHITECTURE_ARGS}
+        if {name: saved.get(name) for name in ARCHITECTURE_ARGS} != mine:
+            raise ValueError(f"{path}: universal model was meta-trained with {saved}, this Metaformer has {mine}")
+        self.load_state_dict(load_tensors(path))
+        return self
+
+    def fit(self, train: torch.Tensor | Iterable) -> Metaformer:
+        """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images."""
+        if self.init is not None:
+            self.load_universal(self.init)
+        device = _device_of(self)
+        images = torch.cat([self._resize(batch) for batch in iter_image_batches(train, self.batch_size)])
+        if len(images) == 0:
+            raise ValueError("Metaformer.fit needs at least one defect-free image")
+        priors = self._priors(images, device)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.train()
+        for _ in tqdm(range(self.adapt_epochs), desc="metaformer adapt", unit="epoch", leave=False):
+            for index in torch.randperm(len(images), generator=generator).split(self.batch_size):
+                batch = images[index].to(device)
+                prior = None if priors is None else priors[index].to(device)
+                loss = self.loss(batch, prior)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        self.eval()
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | Iterable) -> AnomalyPrediction:
+        """Scores (B,) and maps (B, H, W) at the input size, from ImageNet-normalised images."""
+        self.eval()
+        device = _device_of(self)
+        scores, maps = [], []
+        for batch in iter_image_batches(images, self.batch_size):
+            size = batch.shape[-2:]
+            anomaly = self.anomaly_map(self._resize(batch).to(device))
+            if anomaly.shape[-2:] != size:
+                anomaly = F.interpolate(anomaly[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+            maps.append(anomaly.cpu())
+            scores.append(anomaly.flatten(1).amax(1).cpu())
+        return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] != 3:
+            raise ValueError(f"Metaformer expects RGB (B, 3, H, W) images, got {tuple(images.shape)}")
+        if images.shape[-2:] == (self.image_size, self.image_size):
+            return images.float()
+        return F.interpolate(
+            images.float(), size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
+        )
+
+    def _priors(self, images: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        if self.configuration == "A":
+            return None
+        return torch.cat([self.compute_prior(batch.to(device)).cpu() for batch in images.split(self.batch_size)])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, 1, H, W) maps, reflect padding, radius 3σ."""
+    radius = max(1, min(math.ceil(3 * sigma), maps.shape[-1] - 1, maps.shape[-2] - 1))
+    coords = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))

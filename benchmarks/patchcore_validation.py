@@ -1,0 +1,84 @@
+"""Choose PatchCore's feature layers for a backbone without test labels: synthetic defects on training images.
+
+    python benchmarks/patchcore_validation.py [--data mtd] [--candidates 2,3 1,2 1,2,3]
+
+The defect-free training split is divided (seeded) into a fit part (80%) and a validation part (20%); every
+validation image also gets a copy with a synthetic defect (a Perlin-noise blob filled with a DTD texture,
+DRAEM §3.3). Each candidate is fitted on the fit part and scored on the validation images. No test image
+is read. The figures go to ``benchmarks/results/patchcore_validation_<data>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from common import record, require_data
+from metaad.data.anomaly_synthesis import paste_anomaly
+from metaad.data.datasets import AnomalyDataset, list_images, mtd_records
+from metaad.data.transforms import normalize, pil_to_tensor
+from metaad.engine.run import set_threads, split_calibration
+from metaad.metrics import evaluate
+from metaad.models import create_model
+
+
+def validation_set(records, textures, image_size: int, seed: int):
+    """Validation images: each defect-free image as it is, and once with a synthetic defect."""
+    rng = np.random.default_rng(seed)
+    images, masks, labels = [], [], []
+    for item in records:
+        clean = pil_to_tensor(Image.open(item.path), image_size).permute(1, 2, 0).numpy()
+        texture_path = textures[int(rng.integers(len(textures)))]
+        texture = pil_to_tensor(Image.open(texture_path), image_size).permute(1, 2, 0).numpy()
+        defective, mask = paste_anomaly(clean, texture, rng)
+        for array, m, label in ((clean, np.zeros(mask.shape, bool), 0), (defective, mask, 1)):
+            images.append(normalize(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)))
+            masks.append(m)
+            labels.append(label)
+    return torch.stack(images), np.stack(masks).astype(np.uint8), np.array(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--candidates", nargs="+", default=["2,3", "1,2", "1,2,3"])
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    root = require_data("mtd")
+    dtd = require_data("dtd")
+    textures = sorted(p for folder in sorted((dtd / "train").iterdir()) for p in list_images(folder))
+    random.Random(args.seed).shuffle(textures)
+    fit_records, val_records = split_calibration(mtd_records(root, "train", seed=0), 0.2, args.seed)
+    images, masks, labels = validation_set(val_records, textures, 256, args.seed)
+    fit_set = AnomalyDataset(fit_records)
+    results = {}
+    for candidate in args.candidates:
+        layers = [int(v) for v in candidate.split(",")]
+        model = create_model("patchcore", backbone=args.backbone, layers=layers)
+        tic = time.perf_counter()
+        model.fit(DataLoader(fit_set, batch_size=16))
+        fit_seconds = time.perf_counter() - tic
+        tic = time.perf_counter()
+        prediction = model.predict(images)
+        ms = 1000 * (time.perf_counter() - tic) / len(images)
+        metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
+        results[candidate] = {**metrics, "fit_seconds": fit_seconds, "ms_per_image": ms,
+                              "memory_bank": list(model.memory_bank.shape)}
+        print(candidate, json.dumps(results[candidate]), flush=True)
+    record(f"patchcore_validation_{args.backbone}", {
+        "data": "validation: MTD training split only (80% fit / 20% validation + Perlin/DTD synthetic defects)",
+        "candidates": results,
+    })
+
+
+if __name__ == "__main__":
+    main()

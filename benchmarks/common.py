@@ -41,6 +41,8 @@ def record(name: str, results: dict[str, Any]) -> Path:
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
+        # other work on the machine slows timings: the 1-minute load average when the run ended says how much
+        "load_average_at_end": round(os.getloadavg()[0], 2),
         **results,
     }
     return write_json(RESULTS / f"{name}.json", payload)

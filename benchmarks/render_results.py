@@ -38,6 +38,7 @@ def mtd_section(results: list[dict]) -> list[str]:
         "ms_per_image",
         "ms_per_image_end_to_end",
         "peak_rss_mb",
+        "load_average_at_end",
     ]
     lines.append("| run | " + " | ".join(columns) + " | machine | date |")
     lines.append("|---" * (len(columns) + 3) + "|")
@@ -81,6 +82,9 @@ def main() -> None:
             "```",
             "",
         ]
+    notes = RESULTS.parent / "NOTES.md"
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8")]
     text = "\n".join(lines)
     atomic_write(RESULTS.parent / "RESULTS.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     print(text)

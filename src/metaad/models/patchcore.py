@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import metaad
 from metaad.backbones import create_backbone
 from metaad.data.batches import iter_image_batches
 from metaad.models.coreset import greedy_coreset, random_projection
@@ -189,7 +190,13 @@ class PatchCore(nn.Module):
         """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k)."""
         if self._index is None:
             self._index = self._build_index()
-        distances, indices = self._index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+        threads = faiss.omp_get_max_threads()
+        if not metaad.OPENMP_PASSIVE:  # spinning faiss threads would starve torch's (see metaad/__init__.py)
+            faiss.omp_set_num_threads(1)
+        try:
+            distances, indices = self._index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return torch.from_numpy(distances).clamp_(min=0).sqrt_(), torch.from_numpy(indices).long()
 
     def _build_index(self) -> faiss.Index:

@@ -107,7 +107,7 @@ def render_figure(prior: nn.Module, ecssd: list, path: Path, seed: int = 0) -> N
             axis.set_title(f"{title}: {name}" if name == "image" else name, fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=64)
     plt.close(figure)
 
 

@@ -72,16 +72,15 @@ def main() -> None:
         lines += mtd_section(mtd)
     others = [r for r in results if r not in mtd]
     for result in others:
-        lines += [
-            f"## {result['name']}",
-            "",
-            f"Command: `{result['command']}` on {result['machine']}, {result['date']}",
-            "",
-            "```json",
-            json.dumps({k: v for k, v in result.items() if k not in ("command", "machine", "date", "name")}, indent=2),
-            "```",
-            "",
-        ]
+        provenance = f"Command: `{result['command']}` on {result['machine']}, {result['date']}"
+        if "load_average_at_end" in result:
+            provenance += f" (load average at the end: {result['load_average_at_end']})"
+        lines += [f"## {result['name']}", "", provenance, ""]
+        if "table" in result:
+            lines += [*result["table"], ""]
+            continue
+        body = {k: v for k, v in result.items() if k not in ("command", "machine", "date", "name")}
+        lines += ["```json", json.dumps(body, indent=2), "```", ""]
     notes = RESULTS.parent / "NOTES.md"
     if notes.is_file():
         lines += ["", notes.read_text(encoding="utf-8")]

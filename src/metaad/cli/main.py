@@ -28,13 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from metaad.cli import commands, metaformer
+    from metaad.cli import commands, instance_prior, metaformer
 
     parser = argparse.ArgumentParser(prog="metaad", description=__doc__)
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.register(subparsers)
     metaformer.register(subparsers)
+    instance_prior.register(subparsers)
     return parser
 
 

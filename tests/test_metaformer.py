@@ -403,3 +403,18 @@ def test_cli_registers_meta_train():
     )
     assert args.wild == ["a", "b"] and args.first_order and args.resume and args.preset == "cpu"
     assert callable(args.handler)
+
+
+def test_shipped_universal_model_loads_offline_and_adapts():
+    from metaad.models import create_model
+    from metaad.models.metaformer import SHIPPED_UNIVERSAL
+
+    if not SHIPPED_UNIVERSAL["universal-cpu"].is_file():
+        pytest.skip("the universal model has not been meta-trained and shipped yet")
+    model = create_model("metaformer", preset="cpu", init="universal-cpu", adapt_epochs=1)
+    model.load_universal("universal-cpu")
+    universal = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(4, 3, 64, 64)
+    prediction = model.fit(images).predict(images)
+    assert prediction.scores.shape == (4,) and torch.isfinite(prediction.maps).all()
+    assert any(not torch.equal(universal[k], v) for k, v in model.state_dict().items())  # adaptation moved θ

@@ -34,6 +34,10 @@ TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
 CENTER_BIAS = "center-bias"  # the built-in stand-in prior, used only when asked for by name
 UNIVERSAL_FORMAT = "metaad-metaformer-universal"
 ARCHITECTURE_ARGS = ("configuration", "width_multiplier", "image_size")
+# universal models that ship inside the package, by the name ``init`` accepts for them
+SHIPPED_UNIVERSAL = {
+    "universal-cpu": Path(__file__).resolve().parents[1] / "weights" / "metaformer_universal_cpu.safetensors",
+}
 
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0.1) -> torch.Tensor:
@@ -147,12 +151,12 @@ class Metaformer(nn.Module):
     """Metaformer anomaly detector: meta-tested from a universal model, scores by the reconstruction gap.
 
     ``configuration`` picks Table 3's variant: "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R) or "A+P+T" (Î = Ĩ ⊗ R').
-    ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from; None trains from
-    scratch. ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs,
-    lr 1e-4, batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file
-    (None: metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module
-    mapping ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1]. P is frozen and not part of
-    ``state_dict``.
+    ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from, or the name of
+    one shipped with metaad ("universal-cpu": A+P+T, the "cpu" preset); None trains from scratch.
+    ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs, lr 1e-4,
+    batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file (None:
+    metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module mapping
+    ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1]. P is frozen and not part of ``state_dict``.
 
     Anomaly map: squared error between I and Î (both in [0, 1]) averaged over RGB, Gaussian-smoothed with
     ``smoothing_sigma`` pixels (at 256 px; scaled with ``image_size``), resized to the input size.
@@ -272,7 +276,10 @@ class Metaformer(nn.Module):
     # -- estimator API --------------------------------------------------------------------------------------
 
     def load_universal(self, path: str) -> Metaformer:
-        """Load a universal checkpoint written by meta-training; its architecture must match this model's."""
+        """Load a universal checkpoint written by meta-training; its architecture must match this model's.
+
+        ``path`` may name a universal model shipped with metaad (see ``SHIPPED_UNIVERSAL``)."""
+        path = str(SHIPPED_UNIVERSAL.get(path, path))
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such universal checkpoint (write one with `metaad meta-train`)")
         with safe_open(path, framework="pt") as handle:

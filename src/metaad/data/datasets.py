@@ -36,6 +36,14 @@ class ImageRecord:
     mask_path: Path | None = None
 
 
+def seeded_split(items: Sequence, n_held_out: int, seed: int) -> tuple[list, list]:
+    """(kept, held out): a seeded random ``n_held_out`` of ``items`` held out; both keep the input order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held_out])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder`` (extensions matched case-insensitively), sorted by name."""
     folder = Path(folder)
@@ -72,9 +80,7 @@ def mvtec_categories(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found")
-    return sorted(
-        p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "train" / GOOD).is_dir()
-    )
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "train" / GOOD).is_dir())
 
 
 def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageRecord]:
@@ -128,13 +134,10 @@ def mtd_records(root: str | Path, split: str, seed: int = 0, test_fraction: floa
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     root = Path(root)
     free = _mtd_images(root / "MT_Free" / "Imgs")
-    order = list(range(len(free)))
-    random.Random(seed).shuffle(order)
-    n_test = round(len(free) * test_fraction)
-    test_ids = set(order[:n_test])
+    train, held_out = seeded_split(free, round(len(free) * test_fraction), seed)
     if split == "train":
-        return [ImageRecord(p, 0) for i, p in enumerate(free) if i not in test_ids]
-    records = [ImageRecord(p, 0) for i, p in enumerate(free) if i in test_ids]
+        return [ImageRecord(p, 0) for p in train]
+    records = [ImageRecord(p, 0) for p in held_out]
     defect_dirs = sorted(p for p in root.glob("MT_*") if p.is_dir() and p.name != "MT_Free")
     if not defect_dirs:
         raise DataError(f"{root}: no defect folders MT_<type>/Imgs found")
@@ -175,11 +178,7 @@ def folder_records(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     normal = _require_images(Path(normal_dir))
     if normal_test_dir is None:
-        order = list(range(len(normal)))
-        random.Random(seed).shuffle(order)
-        test_ids = set(order[: round(len(normal) * test_fraction)])
-        train = [p for i, p in enumerate(normal) if i not in test_ids]
-        normal_test = [p for i, p in enumerate(normal) if i in test_ids]
+        train, normal_test = seeded_split(normal, round(len(normal) * test_fraction), seed)
     else:
         train, normal_test = normal, _require_images(Path(normal_test_dir))
     if split == "train":
@@ -191,9 +190,7 @@ def folder_records(
             if mask_dir is not None:
                 mask = _find_mask(Path(mask_dir), image.stem, ("_mask", ""))
                 if mask is None:
-                    raise DataError(
-                        f"{image}: no mask named {image.stem}.* or {image.stem}_mask.* in {mask_dir}"
-                    )
+                    raise DataError(f"{image}: no mask named {image.stem}.* or {image.stem}_mask.* in {mask_dir}")
             records.append(ImageRecord(image, 1, "abnormal", mask))
     return records
 
@@ -297,9 +294,7 @@ def _check_mask_header(record: ImageRecord) -> None:
     except FileNotFoundError as error:
         raise DataError(f"{error.filename}: file not found") from error
     except (UnidentifiedImageError, OSError) as error:
-        raise DataError(
-            f"{record.path} or its mask {record.mask_path}: unreadable image ({error})"
-        ) from error
+        raise DataError(f"{record.path} or its mask {record.mask_path}: unreadable image ({error})") from error
     if image_size != mask_size:
         raise DataError(
             f"{record.mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image {record.path} is "

@@ -30,6 +30,7 @@ from metaad.data.datasets import (
     mtd_records,
     mvtec_categories,
     mvtec_records,
+    seeded_split,
 )
 from metaad.engine.checkpoint import save_model
 from metaad.engine.evaluation import compute_metrics, predict_dataset
@@ -80,11 +81,8 @@ def split_calibration(records: list[ImageRecord], fraction: float, seed: int) ->
     """Hold out a seeded ``fraction`` of the defect-free training images to set the threshold."""
     if fraction <= 0:
         return list(records), []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
     n_held = max(1, round(len(records) * fraction)) if len(records) > 1 else 0
-    held = set(order[:n_held])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    return seeded_split(records, n_held, seed)
 
 
 def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> list[ImageRecord]:

@@ -34,7 +34,8 @@ def greedy_coreset(
     """Indices of ``n_select`` rows chosen by greedy k-center (farthest-point) selection.
 
     ``shards > 1`` selects ``n_select / shards`` points in each of ``shards`` random parts (see module
-    docstring). Each part starts from one seeded random point. Returns a sorted int64 index tensor.
+    docstring). Each part starts from one seeded random point; the fewer than ``shards`` points left over by the
+    equal split are never selected. Returns a sorted int64 index tensor.
     """
     n_points = features.shape[0]
     if not 0 < n_select <= n_points:
@@ -43,12 +44,11 @@ def greedy_coreset(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_points, generator=generator)
     per_shard = n_points // shards
-    leftover = order[per_shard * shards :]
     parts = order[: per_shard * shards].view(shards, per_shard)
     quota = torch.full((shards,), n_select // shards, dtype=torch.long)
     quota[: n_select % shards] += 1
     if int(quota.max()) > per_shard:
-        shards, parts, quota, leftover = 1, order.view(1, -1), torch.tensor([n_select]), order[:0]
+        shards, parts, quota = 1, order.view(1, -1), torch.tensor([n_select])
     points = features[parts].float()  # (S, n, d)
     norms = points.square().sum(-1)  # (S, n)
     start = torch.randint(points.shape[1], (shards,), generator=generator)
@@ -63,7 +63,6 @@ def greedy_coreset(
         torch.minimum(min_dist, _squared_distances(points, norms, farthest), out=min_dist)
         min_dist[rows, farthest] = -1.0  # never pick a point twice, even among exact duplicates
     selected = [parts[s, chosen[s, : int(quota[s])]] for s in range(shards)]
-    del leftover  # points left over by the equal split are covered by their nearest centres at search time
     return torch.cat(selected).sort().values
 
 

@@ -3,6 +3,8 @@
     python benchmarks/mtd_kshot.py --model patchcore
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu --init universal-cpu
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu            # random init, same budget
+    python benchmarks/mtd_kshot.py --model metaformer --preset cpu --configuration A \
+        --init benchmarks/_work/metaformer_universal_cpu_A/universal.safetensors --name metaformer_cpu_A_meta
 
 The k images are a seeded random subset of the seed-0 training split (the same subset for every model);
 the test split is the full seed-0 test split. Writes ``benchmarks/results/mtd_kshot_<run>.json``.
@@ -23,12 +25,16 @@ def main() -> None:
     parser.add_argument("--preset", default=None)
     parser.add_argument("--init", default=None, help="metaformer: universal checkpoint or shipped name")
     parser.add_argument("--shots", nargs="+", default=["1", "2", "4", "8", "16", "all"])
+    parser.add_argument("--configuration", default=None, help="metaformer: Table 3 variant (A, A+P, A+P+T)")
+    parser.add_argument("--name", default=None, help="run name (default: built from model, preset and init)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
     root = require_data("mtd")
     params = {"init": args.init} if args.init else {}
-    run = "_".join(
+    if args.configuration:
+        params["configuration"] = args.configuration
+    run = args.name or "_".join(
         filter(None, [args.model, args.preset, args.init or ("random-init" if args.model == "metaformer" else None)])
     )
     results = {}

@@ -1,6 +1,9 @@
 """Choose PatchCore's feature layers for a backbone without test labels: synthetic defects on training images.
 
-    python benchmarks/patchcore_validation.py [--data mtd] [--candidates 2,3 1,2 1,2,3]
+    python benchmarks/patchcore_validation.py [--candidates 2,3 1,2 1,2,3] [--name NAME]
+    python benchmarks/patchcore_validation.py --candidates "layers=2,3" "layers=2,3;border_padding=16"
+
+A candidate is a stage list ("2,3") or ``;``-separated PatchCore parameters ("layers=2,3;border_padding=16").
 
 The defect-free training split is divided (seeded) into a fit part (80%) and a validation part (20%); every
 validation image also gets a copy with a synthetic defect (a Perlin-noise blob filled with a DTD texture,
@@ -45,12 +48,24 @@ def validation_set(records, textures, image_size: int, seed: int):
     return torch.stack(images), np.stack(masks).astype(np.uint8), np.array(labels)
 
 
+def candidate_params(candidate: str) -> dict:
+    """"2,3" -> {"layers": [2, 3]}; "layers=2,3;border_padding=16" -> {"layers": [2, 3], "border_padding": 16}."""
+    if "=" not in candidate:
+        candidate = f"layers={candidate}"
+    params = {}
+    for item in candidate.split(";"):
+        key, value = item.split("=", 1)
+        params[key] = [int(v) for v in value.split(",")] if key == "layers" else json.loads(value)
+    return params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--candidates", nargs="+", default=["2,3", "1,2", "1,2,3"])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=None, help="results name (default: the backbone)")
     args = parser.parse_args()
     set_threads(args.threads)
     root = require_data("mtd")
@@ -62,8 +77,7 @@ def main() -> None:
     fit_set = AnomalyDataset(fit_records)
     results = {}
     for candidate in args.candidates:
-        layers = [int(v) for v in candidate.split(",")]
-        model = create_model("patchcore", backbone=args.backbone, layers=layers)
+        model = create_model("patchcore", **{"backbone": args.backbone, **candidate_params(candidate)})
         tic = time.perf_counter()
         model.fit(DataLoader(fit_set, batch_size=16))
         fit_seconds = time.perf_counter() - tic
@@ -74,7 +88,7 @@ def main() -> None:
         results[candidate] = {**metrics, "fit_seconds": fit_seconds, "ms_per_image": ms,
                               "memory_bank": list(model.memory_bank.shape)}
         print(candidate, json.dumps(results[candidate]), flush=True)
-    record(f"patchcore_validation_{args.backbone}", {
+    record(f"patchcore_validation_{args.name or args.backbone}", {
         "data": "validation: MTD training split only (80% fit / 20% validation + Perlin/DTD synthetic defects)",
         "candidates": results,
     })

@@ -6,10 +6,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from metaad.data.datasets import AnomalyDataset, mvtec_records
+from metaad.data.transforms import normalize
 from metaad.engine.checkpoint import load_model, save_model
 from metaad.metrics import image_auroc
 from metaad.models.coreset import greedy_coreset
-from metaad.models.patchcore import PatchCore, gaussian_blur
+from metaad.models.patchcore import PatchCore
+from metaad.models.smoothing import gaussian_blur
 
 
 def _exact_greedy(points: np.ndarray, n: int, start: int) -> list[int]:
@@ -107,3 +109,20 @@ def test_ivf_search_is_stored_and_close_to_exact(synthetic_root, tmp_path):
 def test_unfitted_model_says_so():
     with pytest.raises(RuntimeError, match="not fitted"):
         PatchCore().predict(torch.zeros(1, 3, 64, 64))
+
+
+def test_border_padding_keeps_the_grid_and_reduces_zero_padding_artefacts():
+    """On a flat grey image every patch should look alike; the backbone's zero padding makes border patches
+    differ, and reflected border padding must cut that spread while returning the same feature grid."""
+    flat = normalize(torch.full((1, 3, 128, 128), 0.5))
+
+    def spread(model: PatchCore) -> tuple[torch.Size, float]:
+        features = model.embed(flat)[0]
+        return features.shape, float((features - features.mean((1, 2), keepdim=True)).norm(dim=0).max())
+
+    plain_shape, plain_spread = spread(PatchCore())
+    padded_shape, padded_spread = spread(PatchCore(border_padding=32))
+    assert padded_shape == plain_shape == (152, 16, 16)
+    assert padded_spread < 0.6 * plain_spread
+    with pytest.raises(ValueError, match="multiple of the deepest stride 16"):
+        PatchCore(border_padding=8)

@@ -11,7 +11,6 @@ Meta-training (Algorithm 1) lives in ``metaad.meta``; ``fit`` here is the meta-t
 from __future__ import annotations
 
 import json
-import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from metaad.data.batches import iter_image_batches
 from metaad.data.transforms import denormalize
 from metaad.engine.io import load_tensors
+from metaad.models.smoothing import gaussian_blur
 from metaad.models.ssim import ssim_loss
 from metaad.types import AnomalyPrediction
 
@@ -270,7 +270,7 @@ class Metaformer(nn.Module):
         gap = (self(images) - denormalize(images)).pow(2).mean(1, keepdim=True)
         sigma = self.smoothing_sigma * self.image_size / 256
         if sigma > 0:
-            gap = _gaussian_blur(gap, sigma)
+            gap = gaussian_blur(gap, sigma, truncate=3.0)
         return gap[:, 0]
 
     # -- estimator API --------------------------------------------------------------------------------------
@@ -352,13 +352,3 @@ class Metaformer(nn.Module):
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
-
-def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, 1, H, W) maps, reflect padding, radius 3σ."""
-    radius = max(1, min(math.ceil(3 * sigma), maps.shape[-1] - 1, maps.shape[-2] - 1))
-    coords = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(blurred, kernel.view(1, 1, -1, 1))

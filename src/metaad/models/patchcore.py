@@ -29,6 +29,7 @@ import metaad
 from metaad.backbones import create_backbone
 from metaad.data.batches import iter_image_batches
 from metaad.models.coreset import greedy_coreset, random_projection
+from metaad.models.smoothing import gaussian_blur
 from metaad.types import AnomalyPrediction
 
 
@@ -40,6 +41,9 @@ class PatchCore(nn.Module):
         layers: two mid-level stages (the paper's WideResNet-50 layer 2 and 3; stride 8 and 16).
         weights: backbone weights (None = offline ImageNet package; a path; or "hub").
         patch_size: neighbourhood aggregated around each patch (§3.1: p = 3).
+        border_padding: pixels of reflected image added on every side before the backbone and cropped from
+            the features after aggregation, so that border patches see mirrored image content instead of the
+            backbone's zero padding (0 = off, as in the paper). Must be a multiple of the deepest stride.
         coreset_ratio: fraction of training patches kept in the memory bank (§4.2: 10%).
         projection_dim: random-projection size used for coreset selection (§3.2, reference: 128).
         coreset_shard_size: points per independently selected part of the greedy coreset (see coreset.py).
@@ -62,6 +66,7 @@ class PatchCore(nn.Module):
         layers: tuple[int, ...] = (2, 3),
         weights: str | None = None,
         patch_size: int = 3,
+        border_padding: int = 0,
         coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         coreset_shard_size: int = 4096,
@@ -82,6 +87,7 @@ class PatchCore(nn.Module):
         self.layers = tuple(layers)
         self.weights = weights
         self.patch_size = patch_size
+        self.border_padding = border_padding
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.coreset_shard_size = coreset_shard_size
@@ -93,6 +99,12 @@ class PatchCore(nn.Module):
         self.batch_size = batch_size
         self.seed = seed
         self.feature_extractor = create_backbone(backbone, self.layers, weights)
+        deepest = max(self.feature_extractor.reductions)
+        if border_padding < 0 or border_padding % deepest:
+            raise ValueError(
+                f"border_padding must be a non-negative multiple of the deepest stride {deepest}, "
+                f"got {border_padding}"
+            )
         self.register_buffer("memory_bank", torch.empty(0, sum(self.feature_extractor.channels)))
         self.register_buffer("ivf_centroids", torch.empty(0, sum(self.feature_extractor.channels)))
         self._index: faiss.Index | None = None
@@ -101,6 +113,11 @@ class PatchCore(nn.Module):
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features (B, C, h, w) at the resolution of the first chosen stage (§3.1)."""
+        border = self.border_padding
+        if border:
+            if border >= min(images.shape[-2:]):
+                raise ValueError(f"border_padding {border} must be smaller than the image size {images.shape[-2:]}")
+            images = F.pad(images, (border,) * 4, mode="reflect")
         maps = self.feature_extractor(images)
         size = maps[0].shape[-2:]
         pad = self.patch_size // 2
@@ -110,7 +127,11 @@ class PatchCore(nn.Module):
             if feature.shape[-2:] != size:
                 feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
             pooled.append(feature)
-        return torch.cat(pooled, dim=1)
+        features = torch.cat(pooled, dim=1)
+        if border:
+            cells = border // min(self.feature_extractor.reductions)
+            features = features[..., cells:-cells, cells:-cells]
+        return features
 
     # ----------------------------------------------------------------------------------------------- fit
     def fit(self, train: torch.Tensor | Iterable, progress: bool = True) -> PatchCore:
@@ -222,16 +243,3 @@ class PatchCore(nn.Module):
         self._index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, 1, H, W) maps, kernel radius 4 sigma, reflect padding."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(4.0 * sigma + 0.5))
-    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(out, kernel.view(1, 1, -1, 1))

@@ -6,13 +6,12 @@ Both take ImageNet-normalised (B, 3, H, W) images, like the instance-prior gener
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metaad.data.transforms import denormalize
+from metaad.models.smoothing import gaussian_blur
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as in Matlab's rgb2gray
 
@@ -60,19 +59,10 @@ class SpectralResidual(nn.Module):
         local_mean = F.avg_pool2d(F.pad(log_amplitude, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         residual = torch.exp((log_amplitude - local_mean) + 1j * torch.angle(spectrum))
         saliency = torch.fft.ifft2(residual).abs() ** 2
-        saliency = _gaussian_blur(saliency, self.blur_sigma)
+        saliency = gaussian_blur(saliency, self.blur_sigma, truncate=2.0, padding="zeros")
         low = saliency.amin(dim=(2, 3), keepdim=True)
         high = saliency.amax(dim=(2, 3), keepdim=True)
         saliency = (saliency - low) / (high - low).clamp_min(1e-12)
         out = F.interpolate(saliency, size=(height, width), mode="bilinear", align_corners=False)
         return out.clamp(0, 1).to(images.dtype)
 
-
-def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with zero padding (Matlab ``imfilter`` default), radius ceil(2σ)."""
-    radius = max(1, math.ceil(2 * sigma))
-    taps = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1), padding=(0, radius))
-    return F.conv2d(maps, kernel.view(1, 1, -1, 1), padding=(radius, 0))

@@ -6,9 +6,11 @@
 A candidate is a stage list ("2,3") or ``;``-separated PatchCore parameters ("layers=2,3;border_padding=16").
 
 The defect-free training split is divided (seeded) into a fit part (80%) and a validation part (20%); every
-validation image also gets a copy with a synthetic defect (a Perlin-noise blob filled with a DTD texture,
-DRAEM §3.3). Each candidate is fitted on the fit part and scored on the validation images. No test image
-is read. The figures go to ``benchmarks/results/patchcore_validation_<data>.json``.
+validation image also gets a copy with a synthetic defect, the kinds taken in turn from ``--defects``:
+"perlin" (a Perlin-noise blob filled with a DTD texture, DRAEM §3.3) and metaad.data.synthetic's surface
+defects ("scratch", "crack", "hole", "stain": thin and small ones that a large blob does not test). Each
+candidate is fitted on the fit part and scored on the validation images. No test image is read.
+The figures go to ``benchmarks/results/patchcore_validation_<name>.json``.
 """
 
 from __future__ import annotations
@@ -26,21 +28,26 @@ from torch.utils.data import DataLoader
 from common import record, require_data
 from metaad.data.anomaly_synthesis import paste_anomaly
 from metaad.data.datasets import AnomalyDataset, list_images, mtd_records
+from metaad.data.synthetic import SURFACE_DEFECTS, draw_surface_defect
 from metaad.data.transforms import normalize, pil_to_tensor
 from metaad.engine.run import set_threads, split_calibration
 from metaad.metrics import evaluate
 from metaad.models import create_model
 
 
-def validation_set(records, textures, image_size: int, seed: int):
-    """Validation images: each defect-free image as it is, and once with a synthetic defect."""
+def validation_set(records, textures, image_size: int, seed: int, defects: tuple[str, ...] = ("perlin",)):
+    """Validation images: each defect-free image as it is, and once with a synthetic defect (kinds in turn)."""
     rng = np.random.default_rng(seed)
     images, masks, labels = [], [], []
-    for item in records:
+    for number, item in enumerate(records):
         clean = pil_to_tensor(Image.open(item.path), image_size).permute(1, 2, 0).numpy()
-        texture_path = textures[int(rng.integers(len(textures)))]
-        texture = pil_to_tensor(Image.open(texture_path), image_size).permute(1, 2, 0).numpy()
-        defective, mask = paste_anomaly(clean, texture, rng)
+        kind = defects[number % len(defects)]
+        if kind == "perlin":
+            texture_path = textures[int(rng.integers(len(textures)))]
+            texture = pil_to_tensor(Image.open(texture_path), image_size).permute(1, 2, 0).numpy()
+            defective, mask = paste_anomaly(clean, texture, rng)
+        else:
+            defective, mask = draw_surface_defect(clean, kind, rng)
         for array, m, label in ((clean, np.zeros(mask.shape, bool), 0), (defective, mask, 1)):
             images.append(normalize(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)))
             masks.append(m)
@@ -65,6 +72,10 @@ def main() -> None:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--defects", nargs="+", default=["perlin"], choices=["perlin", *SURFACE_DEFECTS],
+        help="synthetic defect kinds, used in turn (default: perlin, the first validation's protocol)",
+    )
     parser.add_argument("--name", default=None, help="results name (default: the backbone)")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -73,7 +84,7 @@ def main() -> None:
     textures = sorted(p for folder in sorted((dtd / "train").iterdir()) for p in list_images(folder))
     random.Random(args.seed).shuffle(textures)
     fit_records, val_records = split_calibration(mtd_records(root, "train", seed=0), 0.2, args.seed)
-    images, masks, labels = validation_set(val_records, textures, 256, args.seed)
+    images, masks, labels = validation_set(val_records, textures, 256, args.seed, tuple(args.defects))
     fit_set = AnomalyDataset(fit_records)
     results = {}
     for candidate in args.candidates:
@@ -89,7 +100,8 @@ def main() -> None:
                               "memory_bank": list(model.memory_bank.shape)}
         print(candidate, json.dumps(results[candidate]), flush=True)
     record(f"patchcore_validation_{args.name or args.backbone}", {
-        "data": "validation: MTD training split only (80% fit / 20% validation + Perlin/DTD synthetic defects)",
+        "data": "validation: MTD training split only (80% fit / 20% validation + synthetic defects: "
+        + ", ".join(args.defects) + ")",
         "candidates": results,
     })
 

@@ -13,6 +13,8 @@ from metaad.data.synthetic import (
     CATEGORIES,
     DEFECT_TYPES,
     IMAGE_MODES,
+    SURFACE_DEFECTS,
+    draw_surface_defect,
     generate_image,
     generate_pair,
     make_synthetic_dataset,
@@ -192,3 +194,17 @@ def test_generate_image_argument_errors() -> None:
         generate_image("cap", 0, "hole", split="train")
     with pytest.raises(ValueError, match="split must be"):
         generate_image("cap", 0, split="val")
+
+
+@pytest.mark.parametrize("defect", SURFACE_DEFECTS)
+def test_surface_defect_on_a_real_image_changes_exactly_its_mask(defect):
+    rng = np.random.default_rng(0)
+    image = np.clip(0.4 + 0.05 * rng.standard_normal((64, 64, 3)), 0, 1).astype(np.float32)
+    defective, mask = draw_surface_defect(image, defect, np.random.default_rng(1))
+    assert defective.shape == image.shape and mask.shape == (64, 64) and mask.dtype == bool
+    assert 0 < mask.sum() < 0.5 * mask.size
+    changed = np.abs(defective - image).max(-1) > 0
+    assert not changed[~mask].any()
+    assert changed[mask].mean() > 0.9
+    with pytest.raises(ValueError, match="square"):
+        draw_surface_defect(image[:32], defect, rng)

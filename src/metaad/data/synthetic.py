@@ -34,11 +34,11 @@ from PIL import Image
 TEXTURE_CATEGORIES = ("weave", "grain", "leather")
 OBJECT_CATEGORIES = ("cap", "screw", "board")
 CATEGORIES: tuple[str, ...] = TEXTURE_CATEGORIES + OBJECT_CATEGORIES
-_SURFACE_DEFECTS = ("scratch", "crack", "hole", "stain")
+SURFACE_DEFECTS = ("scratch", "crack", "hole", "stain")
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {
-    "weave": _SURFACE_DEFECTS,
-    "grain": _SURFACE_DEFECTS,
-    "leather": _SURFACE_DEFECTS,
+    "weave": SURFACE_DEFECTS,
+    "grain": SURFACE_DEFECTS,
+    "leather": SURFACE_DEFECTS,
     "cap": ("scratch", "hole", "stain", "missing_part", "misplaced_part"),
     "screw": ("scratch", "stain", "missing_part"),
     "board": ("scratch", "stain", "missing_part", "misplaced_part"),
@@ -599,6 +599,23 @@ def generate_pair(
     clean = finish(clean_f)
     defective = np.where(mask[..., None] if clean.ndim == 3 else mask, finish(defective_f), clean)
     return clean, defective, mask
+
+
+def draw_surface_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one surface defect ("scratch", "crack", "hole" or "stain") on any square image.
+
+    ``image`` is (S, S, 3) float in [0, 1], e.g. a real defect-free photograph; returns the defective copy and
+    its (S, S) bool mask, the pixels the defect changed. Used to validate settings without test labels.
+    """
+    if defect not in SURFACE_DEFECTS:
+        raise ValueError(f"unknown surface defect {defect!r}; valid: {', '.join(SURFACE_DEFECTS)}")
+    if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"draw_surface_defect needs a square (S, S, 3) image, got shape {image.shape}")
+    draw = {"scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain}[defect]
+    image = image.astype(np.float32)
+    drawn, alpha = draw(rng, image, np.ones(image.shape[:2], np.float32))
+    mask = alpha > _DRAW_ALPHA
+    return np.where(mask[..., None], np.clip(drawn, 0.0, 1.0), image).astype(np.float32), mask
 
 
 def generate_image(

@@ -62,7 +62,13 @@ def candidate_params(candidate: str) -> dict:
     params = {}
     for item in candidate.split(";"):
         key, value = item.split("=", 1)
-        params[key] = [int(v) for v in value.split(",")] if key == "layers" else json.loads(value)
+        if key == "layers":
+            params[key] = [int(v) for v in value.split(",")]
+        else:
+            try:
+                params[key] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key] = value  # a bare string
     return params
 
 

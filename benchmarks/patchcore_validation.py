@@ -82,6 +82,7 @@ def main() -> None:
         "--defects", nargs="+", default=["perlin"], choices=["perlin", *SURFACE_DEFECTS],
         help="synthetic defect kinds, used in turn (default: perlin, the first validation's protocol)",
     )
+    parser.add_argument("--image-size", type=int, default=256, help="input size (the papers': 256)")
     parser.add_argument("--name", default=None, help="results name (default: the backbone)")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -90,8 +91,8 @@ def main() -> None:
     textures = sorted(p for folder in sorted((dtd / "train").iterdir()) for p in list_images(folder))
     random.Random(args.seed).shuffle(textures)
     fit_records, val_records = split_calibration(mtd_records(root, "train", seed=0), 0.2, args.seed)
-    images, masks, labels = validation_set(val_records, textures, 256, args.seed, tuple(args.defects))
-    fit_set = AnomalyDataset(fit_records)
+    images, masks, labels = validation_set(val_records, textures, args.image_size, args.seed, tuple(args.defects))
+    fit_set = AnomalyDataset(fit_records, image_size=args.image_size)
     results = {}
     for candidate in args.candidates:
         model = create_model("patchcore", **{"backbone": args.backbone, **candidate_params(candidate)})
@@ -106,8 +107,8 @@ def main() -> None:
                               "memory_bank": list(model.memory_bank.shape)}
         print(candidate, json.dumps(results[candidate]), flush=True)
     record(f"patchcore_validation_{args.name or args.backbone}", {
-        "data": "validation: MTD training split only (80% fit / 20% validation + synthetic defects: "
-        + ", ".join(args.defects) + ")",
+        "data": f"validation: MTD training split only (80% fit / 20% validation + synthetic defects: "
+        f"{', '.join(args.defects)}), {args.image_size} px",
         "candidates": results,
     })
 

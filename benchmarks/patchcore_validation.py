@@ -32,7 +32,7 @@ from metaad.data.synthetic import SURFACE_DEFECTS, draw_surface_defect
 from metaad.data.transforms import normalize, pil_to_tensor
 from metaad.engine.run import set_threads, split_calibration
 from metaad.metrics import evaluate
-from metaad.models import create_model
+from metaad.models import create_model, get_config
 
 
 def validation_set(records, textures, image_size: int, seed: int, defects: tuple[str, ...] = ("perlin",)):
@@ -104,7 +104,7 @@ def main() -> None:
         ms = 1000 * (time.perf_counter() - tic) / len(images)
         metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
         results[candidate] = {**metrics, "fit_seconds": fit_seconds, "ms_per_image": ms,
-                              "memory_bank": list(model.memory_bank.shape)}
+                              "memory_bank": list(model.memory_bank.shape), "params": get_config(model)}
         print(candidate, json.dumps(results[candidate]), flush=True)
     record(f"patchcore_validation_{args.name or args.backbone}", {
         "data": f"validation: MTD training split only (80% fit / 20% validation + synthetic defects: "

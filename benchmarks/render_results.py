@@ -56,6 +56,8 @@ def validation_section(result: dict) -> list[str]:
     """A table of the candidates that a ``patchcore_validation`` run compared (no test image read)."""
     columns = ["image_auroc", "pixel_auroc", "pro", "fit_seconds", "ms_per_image"]
     lines = [f"Validation data: {result['data']}", ""]
+    if "note" in result:
+        lines += [result["note"], ""]
     lines.append("| candidate | " + " | ".join(columns) + " | memory bank |")
     lines.append("|---" * (len(columns) + 2) + "|")
     for candidate, values in result["candidates"].items():

@@ -35,8 +35,11 @@ from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
 
 
-def validation_set(records, textures, image_size: int, seed: int, defects: tuple[str, ...] = ("perlin",)):
-    """Validation images: each defect-free image as it is, and once with a synthetic defect (kinds in turn)."""
+def validation_set(
+    records, textures, image_size: int, seed: int, defects: tuple[str, ...] = ("perlin",), strength: float = 1.0
+):
+    """Validation images: each defect-free image as it is, and once with a synthetic defect (kinds in turn);
+    ``strength`` < 1 blends the defect with the clean image (clean + strength · (defective − clean))."""
     rng = np.random.default_rng(seed)
     images, masks, labels = [], [], []
     for number, item in enumerate(records):
@@ -48,6 +51,7 @@ def validation_set(records, textures, image_size: int, seed: int, defects: tuple
             defective, mask = paste_anomaly(clean, texture, rng)
         else:
             defective, mask = draw_surface_defect(clean, kind, rng)
+        defective = clean + strength * (defective - clean)
         for array, m, label in ((clean, np.zeros(mask.shape, bool), 0), (defective, mask, 1)):
             images.append(normalize(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)))
             masks.append(m)
@@ -82,6 +86,7 @@ def main() -> None:
         "--defects", nargs="+", default=["perlin"], choices=["perlin", *SURFACE_DEFECTS],
         help="synthetic defect kinds, used in turn (default: perlin, the first validation's protocol)",
     )
+    parser.add_argument("--strength", type=float, default=1.0, help="defect contrast (1: as drawn; 0.3: subtle)")
     parser.add_argument("--image-size", type=int, default=256, help="input size (the papers': 256)")
     parser.add_argument("--name", default=None, help="results name (default: the backbone)")
     args = parser.parse_args()
@@ -91,7 +96,9 @@ def main() -> None:
     textures = sorted(p for folder in sorted((dtd / "train").iterdir()) for p in list_images(folder))
     random.Random(args.seed).shuffle(textures)
     fit_records, val_records = split_calibration(mtd_records(root, "train", seed=0), 0.2, args.seed)
-    images, masks, labels = validation_set(val_records, textures, args.image_size, args.seed, tuple(args.defects))
+    images, masks, labels = validation_set(
+        val_records, textures, args.image_size, args.seed, tuple(args.defects), args.strength
+    )
     fit_set = AnomalyDataset(fit_records, image_size=args.image_size)
     results = {}
     for candidate in args.candidates:
@@ -108,7 +115,7 @@ def main() -> None:
         print(candidate, json.dumps(results[candidate]), flush=True)
     record(f"patchcore_validation_{args.name or args.backbone}", {
         "data": f"validation: MTD training split only (80% fit / 20% validation + synthetic defects: "
-        f"{', '.join(args.defects)}), {args.image_size} px",
+        f"{', '.join(args.defects)}; strength {args.strength}), {args.image_size} px",
         "candidates": results,
     })
 

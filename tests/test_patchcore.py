@@ -92,13 +92,29 @@ def test_saved_and_loaded_model_gives_identical_scores(fitted, tmp_path):
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 
+def test_map_image_score_is_the_maximum_of_the_map_and_still_separates(fitted):
+    model, batch = fitted
+    model.image_score = "map"
+    try:
+        prediction = model.predict(batch["image"])
+    finally:
+        model.image_score = "patch"
+    assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+    assert image_auroc(batch["label"].numpy(), prediction.scores.numpy()) > 0.9
+    with pytest.raises(ValueError, match="image_score"):
+        PatchCore(image_score="mean")
+
+
 def test_ivf_search_is_stored_and_close_to_exact(synthetic_root, tmp_path):
     train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
     images = torch.stack([train[i]["image"] for i in range(len(train))])
-    model = PatchCore(coreset_ratio=1.0, ivf_min_bank=100, nprobe=8).fit(images, progress=False)
+    # num_neighbors=1: the image score is the largest nearest-neighbour distance, which an approximate search
+    # can only overestimate (eq. 7's re-weighting depends on which neighbour is found and has no such bound)
+    model = PatchCore(coreset_ratio=1.0, ivf_min_bank=100, nprobe=8, num_neighbors=1).fit(images, progress=False)
     assert model.ivf_centroids.shape[0] == int(4 * math.sqrt(model.memory_bank.shape[0]))
-    exact = PatchCore(coreset_ratio=1.0, search="exact").fit(images, progress=False)
-    probe = images[:4] + 0.3 * torch.randn_like(images[:4])
+    exact = PatchCore(coreset_ratio=1.0, search="exact", num_neighbors=1).fit(images, progress=False)
+    noise = torch.randn(images[:4].shape, generator=torch.Generator().manual_seed(0))
+    probe = images[:4] + 0.3 * noise
     approx_scores, exact_scores = model.predict(probe).scores, exact.predict(probe).scores
     assert torch.all(approx_scores >= exact_scores - 1e-4)  # an approximate neighbour is never nearer
     assert torch.allclose(approx_scores, exact_scores, rtol=0.1)

@@ -54,6 +54,8 @@ class PatchCore(nn.Module):
         projection_dim: random-projection size used for coreset selection (§3.2, reference: 128).
         coreset_shard_size: points per independently selected part of the greedy coreset (see coreset.py).
         num_neighbors: b of eq. 7, the neighbourhood of m* used for re-weighting the image score.
+        image_score: "patch" (the paper: the re-weighted largest patch score, eq. 7) or "map" (the maximum of
+            the smoothed anomaly map, which pools the evidence of neighbouring patches).
         blur_sigma: Gaussian smoothing of the upsampled anomaly map (§3.3: sigma = 4).
         search: "ivf" (approximate, default) or "exact" nearest-neighbour search.
         nprobe: inverted lists visited per query with ``search="ivf"``.
@@ -79,6 +81,7 @@ class PatchCore(nn.Module):
         projection_dim: int = 128,
         coreset_shard_size: int = 4096,
         num_neighbors: int = 9,
+        image_score: str = "patch",
         blur_sigma: float = 4.0,
         search: str = "ivf",
         nprobe: int = 16,
@@ -89,6 +92,8 @@ class PatchCore(nn.Module):
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if image_score not in ("patch", "map"):
+            raise ValueError(f"image_score must be 'patch' or 'map', got {image_score!r}")
         if aggregation not in ("mean", "unfold"):
             raise ValueError(f"aggregation must be 'mean' or 'unfold', got {aggregation!r}")
         if search not in ("ivf", "exact"):
@@ -103,6 +108,7 @@ class PatchCore(nn.Module):
         self.projection_dim = projection_dim
         self.coreset_shard_size = coreset_shard_size
         self.num_neighbors = num_neighbors
+        self.image_score = image_score
         self.blur_sigma = blur_sigma
         self.search = search
         self.nprobe = nprobe
@@ -198,8 +204,13 @@ class PatchCore(nn.Module):
             queries = patches.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
             dist, nn_index = self._search(queries, k=1)
             patch_scores = dist[:, 0].view(b, h * w)
-            scores.append(self._reweighted_score(queries.view(b, h * w, c), patch_scores, nn_index.view(b, h * w)))
-            maps.append(self._anomaly_map(patch_scores.view(b, 1, h, w), batch.shape[-2:]))
+            anomaly_map = self._anomaly_map(patch_scores.view(b, 1, h, w), batch.shape[-2:])
+            if self.image_score == "map":
+                scores.append(anomaly_map.flatten(1).amax(1))
+            else:
+                queries = queries.view(b, h * w, c)
+                scores.append(self._reweighted_score(queries, patch_scores, nn_index.view(b, h * w)))
+            maps.append(anomaly_map)
         return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
 
     def _reweighted_score(self, queries: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor):

@@ -66,10 +66,9 @@ def write_worst_overlays(folder: Path, predictions: Predictions, n_worst: int) -
 
     Overlays that an earlier report wrote into ``folder`` are removed first, so the folder shows this run only.
     """
-    if folder.is_dir():
-        for old in folder.glob("[0-9][0-9]_*.png"):
-            if old.name[3:].startswith(("missed_defect_", "false_alarm_")):
-                old.unlink()
+    for kind in ("missed_defect", "false_alarm"):
+        for old in folder.glob(f"[0-9][0-9]_{kind}_*.png"):
+            old.unlink()
     order = np.argsort(predictions.scores)
     defective = [i for i in order if predictions.labels[i] == 1][: n_worst // 2]
     good = [i for i in order[::-1] if predictions.labels[i] == 0][: n_worst - len(defective)]

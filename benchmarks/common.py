@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -15,6 +16,19 @@ from metaad.engine.io import write_json
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """"KEY=VALUE" -> (key, value): VALUE as JSON, else a bare string; ``layers=2,3`` -> [2, 3]."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+    if key == "layers":
+        return key, [int(v) for v in value.strip("[]").split(",")]
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def require_data(name: str) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import REPO, record, require_data
+from common import REPO, parse_param, record, require_data
 from metaad.engine.run import DataSpec, fit_and_evaluate, set_threads
 from metaad.models import create_model
 
@@ -21,13 +21,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--search", default="ivf", choices=["ivf", "exact"])
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="PatchCore parameter other than its default (JSON value), e.g. border_padding=0")
+                        help="PatchCore parameter other than its default (JSON or bare string), e.g. border_padding=0")
     parser.add_argument("--name", default=None, help="results name (default: mtd_patchcore_<search>)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "_work" / "mtd_patchcore"))
     args = parser.parse_args()
     set_threads(args.threads)
     root = require_data("mtd")
-    params = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.param)}
+    params = dict(parse_param(item) for item in args.param)
     model = create_model("patchcore", search=args.search, **params)
     metrics = fit_and_evaluate(model, DataSpec(str(root), "mtd", seed=0), args.out, calibration_fraction=0.0)
     metrics["memory_bank"] = list(model.memory_bank.shape)

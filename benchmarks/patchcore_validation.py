@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from common import record, require_data
+from common import parse_param, record, require_data
 from metaad.data.anomaly_synthesis import paste_anomaly
 from metaad.data.datasets import AnomalyDataset, list_images, mtd_records
 from metaad.data.synthetic import SURFACE_DEFECTS, draw_surface_defect
@@ -63,17 +63,7 @@ def candidate_params(candidate: str) -> dict:
     """"2,3" -> {"layers": [2, 3]}; "layers=2,3;border_padding=16" -> {"layers": [2, 3], "border_padding": 16}."""
     if "=" not in candidate:
         candidate = f"layers={candidate}"
-    params = {}
-    for item in candidate.split(";"):
-        key, value = item.split("=", 1)
-        if key == "layers":
-            params[key] = [int(v) for v in value.split(",")]
-        else:
-            try:
-                params[key] = json.loads(value)
-            except json.JSONDecodeError:
-                params[key] = value  # a bare string
-    return params
+    return dict(parse_param(item) for item in candidate.split(";"))
 
 
 def main() -> None:

@@ -66,6 +66,22 @@ def validation_section(result: dict) -> list[str]:
     return [*lines, ""]
 
 
+def synthetic_section(result: dict) -> list[str]:
+    """Image AUROC / PRO of each candidate per synthetic category (``patchcore_synthetic``)."""
+    candidates = list(result["mean"])
+    lines = [f"Data: {result['data']}", ""]
+    lines.append("| category | exposure variation | " + " | ".join(f"`{c}`" for c in candidates) + " |")
+    lines.append("|---" * (len(candidates) + 2) + "|")
+    for category, entry in result["categories"].items():
+        cells = [
+            f"{entry['candidates'][c]['image_auroc']:.3f} / {entry['candidates'][c]['pro']:.3f}" for c in candidates
+        ]
+        lines.append(f"| {category} | {entry['exposure_variation']:.3f} | " + " | ".join(cells) + " |")
+    means = [f"{result['mean'][c]['image_auroc']:.3f} / {result['mean'][c]['pro']:.3f}" for c in candidates]
+    lines.append("| mean | | " + " | ".join(means) + " |")
+    return [*lines, "", "Cells: image AUROC / PRO.", ""]
+
+
 ABLATION_RUNS = {  # Table 3 of the Metaformer paper: each configuration meta-trained the same way
     "A": "mtd_kshot_metaformer_cpu_A_universal",
     "A+P": "mtd_kshot_metaformer_cpu_A+P_universal",
@@ -128,6 +144,9 @@ def main() -> None:
             continue
         if result["name"].startswith("patchcore_validation"):
             lines += validation_section(result)
+            continue
+        if result["name"].startswith("patchcore_synthetic"):
+            lines += synthetic_section(result)
             continue
         body = {k: v for k, v in result.items() if k not in ("command", "machine", "date", "name")}
         lines += ["```json", json.dumps(body, indent=2), "```", ""]

@@ -30,6 +30,8 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     assert code == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["image_auroc"] > 0.8 and 0 <= metrics["pro"] <= 1
+    fitted = metrics["fitted"]  # the synthetic shots are evenly lit: "auto" leaves them unstandardised
+    assert fitted["exposure_variation"] < 0.1 and fitted["standardizing"] is False and fitted["memory_bank_size"] > 0
     for name in (
         "config.json",
         "model/model.json",

@@ -6,8 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from metaad.data.datasets import AnomalyDataset, mvtec_records
-from metaad.data.transforms import normalize
+from metaad.data.transforms import denormalize, exposure_variation, normalize
 from metaad.engine.checkpoint import load_model, save_model
+from metaad.engine.io import load_tensors, read_json, save_tensors, write_json
 from metaad.metrics import image_auroc
 from metaad.models.coreset import greedy_coreset
 from metaad.models.patchcore import PatchCore
@@ -142,3 +143,41 @@ def test_border_padding_keeps_the_grid_and_reduces_zero_padding_artefacts():
     assert padded_spread < 0.6 * plain_spread
     with pytest.raises(ValueError, match="multiple of the deepest stride 16"):
         PatchCore(border_padding=8)
+
+
+def _reexposed(images: torch.Tensor, gain: float, offset: float) -> torch.Tensor:
+    return normalize(denormalize(images) * gain + offset)
+
+
+def test_auto_standardization_follows_the_training_exposure_and_makes_scores_exposure_invariant(synthetic_root):
+    train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
+    images = torch.stack([train[i]["image"] for i in range(len(train))])
+    gains = torch.linspace(0.5, 1.2, len(images)).view(-1, 1, 1, 1)  # shots of varying exposure
+    varied = normalize(denormalize(images) * gains)
+    steady = PatchCore(coreset_ratio=0.5, search="exact").fit(images, progress=False)
+    assert float(steady.exposure_variation) < PatchCore.EXPOSURE_VARIATION_LIMIT and not steady.standardizing
+    adaptive = PatchCore(coreset_ratio=0.5, search="exact").fit(iter([varied]), progress=False)  # one-shot iterable
+    assert float(adaptive.exposure_variation) == pytest.approx(exposure_variation([varied]))
+    assert float(adaptive.exposure_variation) > PatchCore.EXPOSURE_VARIATION_LIMIT and adaptive.standardizing
+    probe = images[:3]
+    darker = _reexposed(probe, 0.6, 0.02)
+    assert torch.allclose(adaptive.predict(darker).scores, adaptive.predict(probe).scores, rtol=1e-3)
+    assert not torch.allclose(steady.predict(darker).scores, steady.predict(probe).scores, rtol=0.05)
+    with pytest.raises(ValueError, match="standardize_images"):
+        PatchCore(standardize_images=True)
+
+
+def test_model_saved_before_standardization_loads_with_the_settings_it_was_fitted_with(fitted, tmp_path):
+    """A save without ``standardize_images``, ``border_padding`` and the exposure buffer (metaad before they
+    existed) must load as it was fitted, not with today's defaults."""
+    model, _ = fitted
+    save_model(model, tmp_path)
+    config = read_json(tmp_path / "model.json")
+    for key in ("standardize_images", "border_padding"):
+        del config["params"][key]
+    write_json(tmp_path / "model.json", config)
+    state = load_tensors(tmp_path / "model.safetensors")
+    del state["exposure_variation"]
+    save_tensors(tmp_path / "model.safetensors", state)
+    loaded = load_model(tmp_path)
+    assert loaded.standardize_images == "never" and loaded.border_padding == 0 and not loaded.standardizing

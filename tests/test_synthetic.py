@@ -206,5 +206,9 @@ def test_surface_defect_on_a_real_image_changes_exactly_its_mask(defect):
     changed = np.abs(defective - image).max(-1) > 0
     assert not changed[~mask].any()
     assert changed[mask].mean() > 0.9
-    with pytest.raises(ValueError, match="square"):
-        draw_surface_defect(image[:32], defect, rng)
+    wide = np.concatenate([image, image[:, :40]], axis=1)[:40]  # (40, 104, 3): drawn as it is, not squashed
+    defective, mask = draw_surface_defect(wide, defect, np.random.default_rng(2))
+    assert defective.shape == wide.shape and mask.shape == (40, 104) and mask.any()
+    assert not (np.abs(defective - wide).max(-1) > 0)[~mask].any()
+    with pytest.raises(ValueError, match="at least 8x8"):
+        draw_surface_defect(image[:4], defect, rng)

@@ -230,10 +230,14 @@ def _expand_inputs(inputs: list[str]) -> list[ImageRecord]:
     return [ImageRecord(p, 0) for p in files]
 
 
-def _print_metrics(metrics: dict, out: Path) -> None:
+def _print_metrics(metrics: dict, out: Path | None, prefix: str = "") -> None:
     for key, value in metrics.items():
-        print(f"{key:>24}: {_fmt(value)}")
-    print(f"run folder: {out}")
+        if isinstance(value, dict):
+            _print_metrics(value, None, f"{prefix}{key}.")
+        else:
+            print(f"{prefix + key:>32}: {_fmt(value)}")
+    if out is not None:
+        print(f"run folder: {out}")
 
 
 def _fmt(value) -> str:

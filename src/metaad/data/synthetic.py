@@ -602,18 +602,25 @@ def generate_pair(
 
 
 def draw_surface_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one surface defect ("scratch", "crack", "hole" or "stain") on any square image.
+    """Draw one surface defect ("scratch", "crack", "hole" or "stain") on any image.
 
-    ``image`` is (S, S, 3) float in [0, 1], e.g. a real defect-free photograph; returns the defective copy and
-    its (S, S) bool mask, the pixels the defect changed. Used to validate settings without test labels.
+    ``image`` is (H, W, 3) float in [0, 1], e.g. a real defect-free photograph; returns the defective copy and
+    its (H, W) bool mask, the pixels the defect changed. A non-square image is drawn on as the corner of a
+    square canvas of its longer side (defect sizes are relative to that side) and cropped back. Used to
+    validate settings without test labels.
     """
     if defect not in SURFACE_DEFECTS:
         raise ValueError(f"unknown surface defect {defect!r}; valid: {', '.join(SURFACE_DEFECTS)}")
-    if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] != image.shape[1]:
-        raise ValueError(f"draw_surface_defect needs a square (S, S, 3) image, got shape {image.shape}")
+    if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 8:
+        raise ValueError(f"draw_surface_defect needs an (H, W, 3) image of at least 8x8 pixels, got {image.shape}")
     draw = {"scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain}[defect]
-    image = image.astype(np.float32)
-    drawn, alpha = draw(rng, image, np.ones(image.shape[:2], np.float32))
+    height, width = image.shape[:2]
+    side = max(height, width)
+    canvas = np.pad(image.astype(np.float32), ((0, side - height), (0, side - width), (0, 0)), mode="edge")
+    region = np.zeros((side, side), np.float32)
+    region[:height, :width] = 1.0
+    drawn, alpha = draw(rng, canvas, region)
+    drawn, alpha = drawn[:height, :width], alpha[:height, :width]
     mask = alpha > _DRAW_ALPHA
     return np.where(mask[..., None], np.clip(drawn, 0.0, 1.0), image).astype(np.float32), mask
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import metaad
 from metaad.engine.io import load_tensors, read_json, save_tensors, write_json
-from metaad.models import create_model, get_config, registered_name
+from metaad.models import create_model, get_config, model_class, registered_name
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,7 +36,11 @@ def load_model(folder: str | Path) -> nn.Module:
     config = read_json(folder / CONFIG_FILE)
     if not isinstance(config, dict) or "model" not in config or "params" not in config:
         raise ValueError(f"{folder / CONFIG_FILE}: expected keys 'model' and 'params'")
-    model = create_model(config["model"], **config["params"])
+    params = config["params"]
+    # a parameter added after the model was saved takes the value its fit used, not today's default
+    legacy = getattr(model_class(config["model"]), "SAVED_WITHOUT", {})
+    params = {**{k: v for k, v in legacy.items() if k not in params}, **params}
+    model = create_model(config["model"], **params)
     state = load_tensors(folder / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

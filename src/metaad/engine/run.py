@@ -166,6 +166,8 @@ def fit_and_evaluate(
         ms_per_image_end_to_end=predictions.ms_per_image_end_to_end,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
+    if hasattr(model, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
+        metrics["fitted"] = model.fit_summary()
     write_report(out, predictions, metrics, threshold)
     return metrics
 

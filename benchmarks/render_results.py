@@ -129,7 +129,7 @@ def main() -> None:
         "model alone (features, search, maps); `ms_per_image_end_to_end` adds image decoding and resizing.",
         "",
     ]
-    mtd = [r for r in results if r.get("data", "").startswith("mtd")]
+    mtd = [r for r in results if r.get("data", "").startswith("mtd") and "image_auroc" in r]
     if mtd:
         lines += mtd_section(mtd)
     lines += ablation_section(results)

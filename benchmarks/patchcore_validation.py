@@ -10,6 +10,8 @@ validation image also gets a copy with a synthetic defect, the kinds taken in tu
 "perlin" (a Perlin-noise blob filled with a DTD texture, DRAEM §3.3) and metaad.data.synthetic's surface
 defects ("scratch", "crack", "hole", "stain": thin and small ones that a large blob does not test). Each
 candidate is fitted on the fit part and scored on the validation images. No test image is read.
+``--folds K`` repeats this over K folds of the training split (each image validated once) and reports fold
+means with standard errors, so that gains smaller than one split's noise can be told apart.
 The figures go to ``benchmarks/results/patchcore_validation_<name>.json``.
 """
 
@@ -66,6 +68,24 @@ def candidate_params(candidate: str) -> dict:
     return dict(parse_param(item) for item in candidate.split(";"))
 
 
+def summarize_folds(folds: list[dict], reference: list[dict]) -> dict:
+    """One fold: its figures as they are. Several: the fold means, the standard error of the image AUROC, and
+    the mean paired gain over the reference candidate (the first) with its standard error."""
+    if len(folds) == 1:
+        return folds[0]
+    summary = {key: float(np.mean([f[key] for f in folds])) for key, value in folds[0].items()
+               if isinstance(value, float)}
+    aurocs = np.array([f["image_auroc"] for f in folds])
+    gains = aurocs - np.array([f["image_auroc"] for f in reference])
+
+    def se(values: np.ndarray) -> float:
+        return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+    return {**summary, "image_auroc_se": se(aurocs), "image_auroc_gain": float(gains.mean()),
+            "image_auroc_gain_se": se(gains), "memory_bank": folds[0]["memory_bank"], "params": folds[0]["params"],
+            "folds": folds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--candidates", nargs="+", default=["2,3", "1,2", "1,2,3"])
@@ -79,33 +99,51 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="defect contrast (1: as drawn; 0.3: subtle)")
     parser.add_argument("--image-size", type=int, default=256, help="input size (the papers': 256)")
     parser.add_argument("--name", default=None, help="results name (default: the backbone)")
+    parser.add_argument(
+        "--folds", type=int, default=1,
+        help="1: one seeded 80/20 split; K > 1: K-fold cross-validation over the training split, reporting fold "
+        "means, their standard error and each candidate's paired gain over the first candidate",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     root = require_data("mtd")
     dtd = require_data("dtd")
     textures = sorted(p for folder in sorted((dtd / "train").iterdir()) for p in list_images(folder))
     random.Random(args.seed).shuffle(textures)
-    fit_records, val_records = split_calibration(mtd_records(root, "train", seed=0), 0.2, args.seed)
-    images, masks, labels = validation_set(
-        val_records, textures, args.image_size, args.seed, tuple(args.defects), args.strength
-    )
-    fit_set = AnomalyDataset(fit_records, image_size=args.image_size)
-    results = {}
-    for candidate in args.candidates:
-        model = create_model("patchcore", **{"backbone": args.backbone, **candidate_params(candidate)})
-        tic = time.perf_counter()
-        model.fit(DataLoader(fit_set, batch_size=16))
-        fit_seconds = time.perf_counter() - tic
-        tic = time.perf_counter()
-        prediction = model.predict(images)
-        ms = 1000 * (time.perf_counter() - tic) / len(images)
-        metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
-        results[candidate] = {**metrics, "fit_seconds": fit_seconds, "ms_per_image": ms,
-                              "memory_bank": list(model.memory_bank.shape), "params": get_config(model)}
-        print(candidate, json.dumps(results[candidate]), flush=True)
+    train_records = mtd_records(root, "train", seed=0)
+    if args.folds == 1:  # the original protocol: one seeded 80/20 split
+        splits = [split_calibration(train_records, 0.2, args.seed)]
+    else:
+        order = list(range(len(train_records)))
+        random.Random(args.seed).shuffle(order)
+        held = [set(order[fold :: args.folds]) for fold in range(args.folds)]
+        splits = [
+            ([r for i, r in enumerate(train_records) if i not in part], [train_records[i] for i in sorted(part)])
+            for part in held
+        ]
+    per_fold: dict[str, list[dict]] = {candidate: [] for candidate in args.candidates}
+    for fold, (fit_records, val_records) in enumerate(splits):
+        images, masks, labels = validation_set(
+            val_records, textures, args.image_size, args.seed + fold, tuple(args.defects), args.strength
+        )
+        fit_set = AnomalyDataset(fit_records, image_size=args.image_size)
+        for candidate in args.candidates:
+            model = create_model("patchcore", **{"backbone": args.backbone, **candidate_params(candidate)})
+            tic = time.perf_counter()
+            model.fit(DataLoader(fit_set, batch_size=16))
+            fit_seconds = time.perf_counter() - tic
+            tic = time.perf_counter()
+            prediction = model.predict(images)
+            ms = 1000 * (time.perf_counter() - tic) / len(images)
+            metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
+            per_fold[candidate].append({**metrics, "fit_seconds": fit_seconds, "ms_per_image": ms,
+                                        "memory_bank": list(model.memory_bank.shape), "params": get_config(model)})
+            print(fold, candidate, json.dumps(per_fold[candidate][-1]), flush=True)
+    results = {candidate: summarize_folds(folds, per_fold[args.candidates[0]]) for candidate, folds in per_fold.items()}
+    split_text = "80% fit / 20% validation" if args.folds == 1 else f"{args.folds}-fold cross-validation"
     record(f"patchcore_validation_{args.name or args.backbone}", {
-        "data": f"validation: MTD training split only (80% fit / 20% validation + synthetic defects: "
-        f"{', '.join(args.defects)}; strength {args.strength}), {args.image_size} px",
+        "data": f"validation: MTD training split only ({split_text}, each validation image also with a synthetic "
+        f"defect: {', '.join(args.defects)}; strength {args.strength}), {args.image_size} px",
         "candidates": results,
     })
 

@@ -62,6 +62,9 @@ def validation_section(result: dict) -> list[str]:
     lines.append("|---" * (len(columns) + 2) + "|")
     for candidate, values in result["candidates"].items():
         row = [_fmt(values.get(c)) for c in columns] + [" × ".join(map(str, values.get("memory_bank", [])))]
+        if "image_auroc_se" in values:  # K-fold: mean ± standard error, and the paired gain over the first
+            row[0] += f" ± {values['image_auroc_se']:.4f} (gain {values['image_auroc_gain']:+.4f} ± "
+            row[0] += f"{values['image_auroc_gain_se']:.4f})"
         lines.append(f"| `{candidate}` | " + " | ".join(row) + " |")
     return [*lines, ""]
 

@@ -28,7 +28,7 @@ def test_feature_maps_have_declared_channels_and_strides():
     assert not backbone.training  # frozen batch norm stays in eval mode
 
 
-def test_batchnorm_folding_keeps_the_features():
+def test_batchnorm_folding_and_channels_last_memory_keep_the_features():
     backbone = create_backbone("tf_efficientnet_lite0", layers=(2, 3))
     unfolded = load_pretrained("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3)).eval()
     images = torch.randn(2, 3, 96, 96)
@@ -36,6 +36,8 @@ def test_batchnorm_folding_keeps_the_features():
         for folded_map, plain_map in zip(backbone(images), unfolded(images), strict=True):
             assert torch.allclose(folded_map, plain_map, atol=1e-4, rtol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
 
 
 def test_backbone_without_offline_weights_says_what_to_pass():

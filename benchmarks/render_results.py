@@ -73,6 +73,8 @@ def synthetic_section(result: dict) -> list[str]:
     """Image AUROC / PRO of each candidate per synthetic category (``patchcore_synthetic``)."""
     candidates = list(result["mean"])
     lines = [f"Data: {result['data']}", ""]
+    if "note" in result:
+        lines += [result["note"], ""]
     lines.append("| category | exposure variation | " + " | ".join(f"`{c}`" for c in candidates) + " |")
     lines.append("|---" * (len(candidates) + 2) + "|")
     for category, entry in result["categories"].items():

@@ -34,11 +34,12 @@ from PIL import Image
 TEXTURE_CATEGORIES = ("weave", "grain", "leather")
 OBJECT_CATEGORIES = ("cap", "screw", "board")
 CATEGORIES: tuple[str, ...] = TEXTURE_CATEGORIES + OBJECT_CATEGORIES
-SURFACE_DEFECTS = ("scratch", "crack", "hole", "stain")
+TEXTURE_DEFECTS = ("scratch", "crack", "hole", "stain")
+SURFACE_DEFECTS = (*TEXTURE_DEFECTS, "shading")  # what draw_surface_defect can draw on any image
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {
-    "weave": SURFACE_DEFECTS,
-    "grain": SURFACE_DEFECTS,
-    "leather": SURFACE_DEFECTS,
+    "weave": TEXTURE_DEFECTS,
+    "grain": TEXTURE_DEFECTS,
+    "leather": TEXTURE_DEFECTS,
     "cap": ("scratch", "hole", "stain", "missing_part", "misplaced_part"),
     "screw": ("scratch", "stain", "missing_part"),
     "board": ("scratch", "stain", "missing_part", "misplaced_part"),
@@ -523,6 +524,19 @@ def _stain(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
     return _blend(image, colour, alpha), alpha
 
 
+def _shading(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
+    """Uneven shading: a large soft-edged patch somewhat brighter or darker than the surface around it (an
+    uneven coating, polish or sintering), with no edge or texture of its own."""
+    size = region.shape[0]
+    x, y = _coords(size)
+    centre, radius = _pick_point(rng, region, margin=0.15), rng.uniform(0.12, 0.25)
+    wobble = _smooth_noise(rng, (6, 6), size)
+    distance = np.hypot(x - centre[0], y - centre[1]) / radius + 0.25 * wobble
+    alpha = np.clip((1.0 - distance) / 0.5, 0.0, 1.0) * region
+    gain = rng.uniform(0.3, 0.5) * rng.choice([-1.0, 1.0])
+    return image * (1.0 + gain * alpha[..., None]), alpha
+
+
 def _missing_part(rng: np.random.Generator, scene: _Scene):
     """A component left out: the mask is its footprint."""
     part = scene.parts[rng.integers(len(scene.parts))]
@@ -548,7 +562,7 @@ def _misplaced_part(rng: np.random.Generator, scene: _Scene):
     raise RuntimeError("synthetic generator: found no free place to move a part to")
 
 
-_SURFACE_DRAWERS = {"scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain}
+_SURFACE_DRAWERS = {"scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain, "shading": _shading}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -602,7 +616,7 @@ def generate_pair(
 
 
 def draw_surface_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one surface defect ("scratch", "crack", "hole" or "stain") on any image.
+    """Draw one surface defect ("scratch", "crack", "hole", "stain" or "shading") on any image.
 
     ``image`` is (H, W, 3) float in [0, 1], e.g. a real defect-free photograph; returns the defective copy and
     its (H, W) bool mask, the pixels the defect changed. A non-square image is drawn on as the corner of a
@@ -613,7 +627,7 @@ def draw_surface_defect(image: np.ndarray, defect: str, rng: np.random.Generator
         raise ValueError(f"unknown surface defect {defect!r}; valid: {', '.join(SURFACE_DEFECTS)}")
     if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 8:
         raise ValueError(f"draw_surface_defect needs an (H, W, 3) image of at least 8x8 pixels, got {image.shape}")
-    draw = {"scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain}[defect]
+    draw = _SURFACE_DRAWERS[defect]
     height, width = image.shape[:2]
     side = max(height, width)
     canvas = np.pad(image.astype(np.float32), ((0, side - height), (0, side - width), (0, 0)), mode="edge")

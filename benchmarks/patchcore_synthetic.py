@@ -47,7 +47,7 @@ def main() -> None:
         train = AnomalyDataset(mvtec_records(root, category, "train"), image_size=args.size)
         test = AnomalyDataset(mvtec_records(root, category, "test"), image_size=args.size)
         batch = next(iter(DataLoader(test, batch_size=len(test))))
-        variation = exposure_variation(batch["image"] for batch in DataLoader(train, batch_size=16))
+        variation = exposure_variation(part["image"] for part in DataLoader(train, batch_size=16))
         table[category] = {"exposure_variation": variation, "candidates": {}}
         for candidate in args.candidates:
             model = create_model("patchcore", **candidate_params(candidate))

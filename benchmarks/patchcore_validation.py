@@ -8,7 +8,8 @@ A candidate is a stage list ("2,3") or ``;``-separated PatchCore parameters ("la
 The defect-free training split is divided (seeded) into a fit part (80%) and a validation part (20%); every
 validation image also gets a copy with a synthetic defect, the kinds taken in turn from ``--defects``:
 "perlin" (a Perlin-noise blob filled with a DTD texture, DRAEM §3.3) and metaad.data.synthetic's surface
-defects ("scratch", "crack", "hole", "stain": thin and small ones that a large blob does not test). Each
+defects ("scratch", "crack", "hole", "stain": thin and small ones that a large blob does not test; "shading":
+a broad low-contrast patch, like an uneven surface). Each
 candidate is fitted on the fit part and scored on the validation images. No test image is read.
 ``--folds K`` repeats this over K folds of the training split (each image validated once) and reports fold
 means with standard errors, so that gains smaller than one split's noise can be told apart.

@@ -23,6 +23,7 @@ from metaad.metrics import image_auroc
 RUNS = (
     "mtd_patchcore",
     "mtd_patchcore_patch1",
+    "mtd_patchcore_320px",
     "mtd_patchcore_border_only",
     "mtd_patchcore_paper",
     "kshot_metaformer_cpu_universal-cpu_all",

@@ -4,8 +4,9 @@
 
 A candidate is ``;``-separated PatchCore parameters, as in ``patchcore_validation.py``. The synthetic data set
 (all six categories, textures and objects, evenly lit) is generated under ``benchmarks/_work/`` with the
-given sizes; every candidate is fitted and tested on each category. Needs no real data. The figures go to
-``benchmarks/results/patchcore_synthetic_<name>.json``.
+given sizes; every candidate is fitted and tested on each category, at the generated size unless it sets
+``image_size`` (the model then resizes; maps and metrics stay at the generated size). Needs no real data. The
+figures go to ``benchmarks/results/patchcore_synthetic_<name>.json``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
         variation = exposure_variation(part["image"] for part in DataLoader(train, batch_size=16))
         table[category] = {"exposure_variation": variation, "candidates": {}}
         for candidate in args.candidates:
-            model = create_model("patchcore", **candidate_params(candidate))
+            model = create_model("patchcore", **{"image_size": args.size, **candidate_params(candidate)})
             model.fit(DataLoader(train, batch_size=16), progress=False)
             prediction = model.predict(batch["image"])
             masks = batch["mask"][:, 0].numpy().astype(np.uint8)

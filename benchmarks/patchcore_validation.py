@@ -3,7 +3,9 @@
     python benchmarks/patchcore_validation.py [--candidates 2,3 1,2 1,2,3] [--name NAME]
     python benchmarks/patchcore_validation.py --candidates "layers=2,3" "layers=2,3;border_padding=16"
 
-A candidate is a stage list ("2,3") or ``;``-separated PatchCore parameters ("layers=2,3;border_padding=16").
+A candidate is a stage list ("2,3") or ``;``-separated PatchCore parameters ("layers=2,3;border_padding=16");
+Images are loaded at the size the engine would load them for each candidate (``image_size=N`` sets PatchCore's;
+compare sizes with ``--native-defects``, so that every size sees the same defects).
 
 The defect-free training split is divided (seeded) into a fit part (80%) and a validation part (20%); every
 validation image also gets a copy with a synthetic defect, the kinds taken in turn from ``--defects``:
@@ -33,33 +35,56 @@ from metaad.data.anomaly_synthesis import paste_anomaly
 from metaad.data.datasets import AnomalyDataset, list_images, mtd_records
 from metaad.data.synthetic import SURFACE_DEFECTS, draw_surface_defect
 from metaad.data.transforms import normalize, pil_to_tensor
-from metaad.engine.run import set_threads, split_calibration
+from metaad.engine.run import loading_size, set_threads, split_calibration
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
 
 
 def validation_set(
-    records, textures, image_size: int, seed: int, defects: tuple[str, ...] = ("perlin",), strength: float = 1.0
+    records,
+    textures,
+    image_size: int,
+    seed: int,
+    defects: tuple[str, ...] = ("perlin",),
+    strength: float = 1.0,
+    native: bool = False,
 ):
     """Validation images: each defect-free image as it is, and once with a synthetic defect (kinds in turn);
-    ``strength`` < 1 blends the defect with the clean image (clean + strength · (defective − clean))."""
+    ``strength`` < 1 blends the defect with the clean image (clean + strength · (defective − clean)).
+
+    ``native=True`` draws each defect on the image at its own resolution and then resizes the pair to
+    ``image_size`` exactly as the data pipeline resizes a photograph (a real defect exists at the camera's
+    resolution), so candidates with different input sizes see the same defects; otherwise the defect is
+    drawn on the resized image (the first validations' protocol).
+    """
     rng = np.random.default_rng(seed)
     images, masks, labels = [], [], []
     for number, item in enumerate(records):
-        clean = pil_to_tensor(Image.open(item.path), image_size).permute(1, 2, 0).numpy()
+        photo = Image.open(item.path)
+        clean = pil_to_tensor(photo, photo.size[::-1] if native else image_size).permute(1, 2, 0).numpy()
         kind = defects[number % len(defects)]
         if kind == "perlin":
             texture_path = textures[int(rng.integers(len(textures)))]
-            texture = pil_to_tensor(Image.open(texture_path), image_size).permute(1, 2, 0).numpy()
+            texture = pil_to_tensor(Image.open(texture_path), clean.shape[:2]).permute(1, 2, 0).numpy()
             defective, mask = paste_anomaly(clean, texture, rng)
         else:
             defective, mask = draw_surface_defect(clean, kind, rng)
         defective = clean + strength * (defective - clean)
         for array, m, label in ((clean, np.zeros(mask.shape, bool), 0), (defective, mask, 1)):
-            images.append(normalize(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)))
+            image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+            if native:
+                image, m = resize_like_pipeline(array, m, image_size)
+            images.append(normalize(image))
             masks.append(m)
             labels.append(label)
     return torch.stack(images), np.stack(masks).astype(np.uint8), np.array(labels)
+
+
+def resize_like_pipeline(array: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """An (H, W, 3) float image through the data pipeline's 8-bit resize; its mask by nearest neighbour."""
+    photo = Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8))
+    mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    return pil_to_tensor(photo, size), mask
 
 
 def candidate_params(candidate: str) -> dict:
@@ -98,7 +123,15 @@ def main() -> None:
         help="synthetic defect kinds, used in turn (default: perlin, the first validation's protocol)",
     )
     parser.add_argument("--strength", type=float, default=1.0, help="defect contrast (1: as drawn; 0.3: subtle)")
-    parser.add_argument("--image-size", type=int, default=256, help="input size (the papers': 256)")
+    parser.add_argument(
+        "--image-size", type=int, default=None,
+        help="load images at this size and give it to candidates that set no image_size (default: the model's)",
+    )
+    parser.add_argument(
+        "--native-defects", action="store_true",
+        help="draw each synthetic defect at the photograph's own resolution, then resize (needed to compare input "
+        "sizes: a candidate may set image_size=N)",
+    )
     parser.add_argument("--name", default=None, help="results name (default: the backbone)")
     parser.add_argument(
         "--folds", type=int, default=1,
@@ -124,12 +157,20 @@ def main() -> None:
         ]
     per_fold: dict[str, list[dict]] = {candidate: [] for candidate in args.candidates}
     for fold, (fit_records, val_records) in enumerate(splits):
-        images, masks, labels = validation_set(
-            val_records, textures, args.image_size, args.seed + fold, tuple(args.defects), args.strength
-        )
-        fit_set = AnomalyDataset(fit_records, image_size=args.image_size)
+        sets: dict[int, tuple] = {}  # input size -> validation images, masks, labels (same defects each size)
         for candidate in args.candidates:
-            model = create_model("patchcore", **{"backbone": args.backbone, **candidate_params(candidate)})
+            params = {"backbone": args.backbone, "image_size": args.image_size, **candidate_params(candidate)}
+            if params["image_size"] is None:  # no size asked for: the model's default
+                del params["image_size"]
+            model = create_model("patchcore", **params)
+            image_size = loading_size(model, args.image_size)
+            if image_size not in sets:
+                sets[image_size] = validation_set(
+                    val_records, textures, image_size, args.seed + fold, tuple(args.defects), args.strength,
+                    native=args.native_defects,
+                )
+            images, masks, labels = sets[image_size]
+            fit_set = AnomalyDataset(fit_records, image_size=image_size)
             tic = time.perf_counter()
             model.fit(DataLoader(fit_set, batch_size=16))
             fit_seconds = time.perf_counter() - tic
@@ -141,10 +182,12 @@ def main() -> None:
                                         "memory_bank": list(model.memory_bank.shape), "params": get_config(model)})
             print(fold, candidate, json.dumps(per_fold[candidate][-1]), flush=True)
     results = {candidate: summarize_folds(folds, per_fold[args.candidates[0]]) for candidate, folds in per_fold.items()}
+    size_text = f"{args.image_size} px" if args.image_size else "images loaded at each candidate's size"
     split_text = "80% fit / 20% validation" if args.folds == 1 else f"{args.folds}-fold cross-validation"
     record(f"patchcore_validation_{args.name or args.backbone}", {
         "data": f"validation: MTD training split only ({split_text}, each validation image also with a synthetic "
-        f"defect: {', '.join(args.defects)}; strength {args.strength}), {args.image_size} px",
+        f"defect: {', '.join(args.defects)}; strength {args.strength}"
+        f"{'; drawn at native resolution' if args.native_defects else ''}), {size_text}",
         "candidates": results,
     })
 

@@ -22,6 +22,8 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
             "--image-size",
             "64",
             "--param",
+            "image_size=64",
+            "--param",
             "coreset_ratio=0.2",
             "--param",
             'search="exact"',

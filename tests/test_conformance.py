@@ -18,7 +18,7 @@ TINY = {
         "batch_size": 4,
         "prior": "center-bias",
     },
-    "patchcore": {"coreset_ratio": 0.1, "search": "exact"},
+    "patchcore": {"image_size": 64, "coreset_ratio": 0.1, "search": "exact"},
 }
 
 

@@ -3,13 +3,16 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from metaad.data.datasets import AnomalyDataset, mvtec_records
 from metaad.data.transforms import denormalize, exposure_variation, normalize
 from metaad.engine.checkpoint import load_model, save_model
 from metaad.engine.io import load_tensors, read_json, save_tensors, write_json
+from metaad.engine.run import loading_size
 from metaad.metrics import image_auroc
+from metaad.models import create_model
 from metaad.models.coreset import greedy_coreset
 from metaad.models.patchcore import PatchCore
 from metaad.models.smoothing import gaussian_blur
@@ -67,7 +70,8 @@ def test_gaussian_blur_preserves_mass_and_smooths():
 def fitted(synthetic_root):
     train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
     test = AnomalyDataset(mvtec_records(synthetic_root, "weave", "test"), image_size=64)
-    model = PatchCore(coreset_ratio=0.25, search="exact").fit(DataLoader(train, batch_size=8), progress=False)
+    model = PatchCore(image_size=64, coreset_ratio=0.25, search="exact")
+    model.fit(DataLoader(train, batch_size=8), progress=False)
     batch = next(iter(DataLoader(test, batch_size=len(test))))
     return model, batch
 
@@ -111,9 +115,10 @@ def test_ivf_search_is_stored_and_close_to_exact(synthetic_root, tmp_path):
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     # num_neighbors=1: the image score is the largest nearest-neighbour distance, which an approximate search
     # can only overestimate (eq. 7's re-weighting depends on which neighbour is found and has no such bound)
-    model = PatchCore(coreset_ratio=1.0, ivf_min_bank=100, nprobe=8, num_neighbors=1).fit(images, progress=False)
+    model = PatchCore(image_size=64, coreset_ratio=1.0, ivf_min_bank=100, nprobe=8, num_neighbors=1)
+    model.fit(images, progress=False)
     assert model.ivf_centroids.shape[0] == int(4 * math.sqrt(model.memory_bank.shape[0]))
-    exact = PatchCore(coreset_ratio=1.0, search="exact", num_neighbors=1).fit(images, progress=False)
+    exact = PatchCore(image_size=64, coreset_ratio=1.0, search="exact", num_neighbors=1).fit(images, progress=False)
     noise = torch.randn(images[:4].shape, generator=torch.Generator().manual_seed(0))
     probe = images[:4] + 0.3 * noise
     approx_scores, exact_scores = model.predict(probe).scores, exact.predict(probe).scores
@@ -137,8 +142,8 @@ def test_border_padding_keeps_the_grid_and_reduces_zero_padding_artefacts():
         features = model.embed(flat)[0]
         return features.shape, float((features - features.mean((1, 2), keepdim=True)).norm(dim=0).max())
 
-    plain_shape, plain_spread = spread(PatchCore(border_padding=0))
-    padded_shape, padded_spread = spread(PatchCore(border_padding=32))
+    plain_shape, plain_spread = spread(PatchCore(image_size=None, border_padding=0))
+    padded_shape, padded_spread = spread(PatchCore(image_size=None, border_padding=32))
     assert padded_shape == plain_shape == (152, 16, 16)
     assert padded_spread < 0.6 * plain_spread
     with pytest.raises(ValueError, match="multiple of the deepest stride 16"):
@@ -154,9 +159,10 @@ def test_auto_standardization_follows_the_training_exposure_and_makes_scores_exp
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     gains = torch.linspace(0.5, 1.2, len(images)).view(-1, 1, 1, 1)  # shots of varying exposure
     varied = normalize(denormalize(images) * gains)
-    steady = PatchCore(coreset_ratio=0.5, search="exact").fit(images, progress=False)
+    steady = PatchCore(image_size=64, coreset_ratio=0.5, search="exact").fit(images, progress=False)
     assert float(steady.exposure_variation) < PatchCore.EXPOSURE_VARIATION_LIMIT and not steady.standardizing
-    adaptive = PatchCore(coreset_ratio=0.5, search="exact").fit(iter([varied]), progress=False)  # one-shot iterable
+    adaptive = PatchCore(image_size=64, coreset_ratio=0.5, search="exact")
+    adaptive.fit(iter([varied]), progress=False)  # a one-shot iterable
     assert float(adaptive.exposure_variation) == pytest.approx(exposure_variation([varied]))
     assert float(adaptive.exposure_variation) > PatchCore.EXPOSURE_VARIATION_LIMIT and adaptive.standardizing
     probe = images[:3]
@@ -168,12 +174,12 @@ def test_auto_standardization_follows_the_training_exposure_and_makes_scores_exp
 
 
 def test_model_saved_before_standardization_loads_with_the_settings_it_was_fitted_with(fitted, tmp_path):
-    """A save without ``standardize_images``, ``border_padding`` and the exposure buffer (metaad before they
-    existed) must load as it was fitted, not with today's defaults."""
+    """A save without ``image_size``, ``standardize_images``, ``border_padding`` and the exposure buffer (metaad
+    before they existed) must load as it was fitted, not with today's defaults."""
     model, _ = fitted
     save_model(model, tmp_path)
     config = read_json(tmp_path / "model.json")
-    for key in ("standardize_images", "border_padding"):
+    for key in ("image_size", "standardize_images", "border_padding"):
         del config["params"][key]
     write_json(tmp_path / "model.json", config)
     state = load_tensors(tmp_path / "model.safetensors")
@@ -181,3 +187,26 @@ def test_model_saved_before_standardization_loads_with_the_settings_it_was_fitte
     save_tensors(tmp_path / "model.safetensors", state)
     loaded = load_model(tmp_path)
     assert loaded.standardize_images == "never" and loaded.border_padding == 0 and not loaded.standardizing
+    assert loaded.image_size is None  # it took its images as they came
+
+
+def test_working_size_resizes_any_input_and_returns_maps_at_the_input_size(fitted):
+    """``image_size`` is the side the backbone sees: a larger input gives the same patch grid, the scores of
+    the input resized to the working size, and a map of the input's own size."""
+    model, batch = fitted
+    large = F.interpolate(batch["image"][:6], size=(128, 128), mode="bilinear", align_corners=False)
+    resized = F.interpolate(large, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    assert model.embed(large).shape == (6, 152, 8, 8)
+    from_large, from_resized = model.predict(large), model.predict(resized)
+    assert from_large.maps.shape == (6, 128, 128) and from_resized.maps.shape == (6, 64, 64)
+    assert torch.equal(from_large.scores, from_resized.scores)
+    with pytest.raises(ValueError, match="image_size"):
+        PatchCore(image_size=16)
+
+
+def test_images_are_loaded_at_the_working_size_when_it_exceeds_the_papers_256():
+    assert loading_size(PatchCore()) == 256  # the papers' preprocessing
+    assert loading_size(PatchCore(image_size=320)) == 320  # resized once, straight to the working size
+    assert loading_size(PatchCore(image_size=128)) == 256  # downsized inside the model, evaluated at 256
+    assert loading_size(PatchCore(image_size=None)) == 256
+    assert loading_size(create_model("patchcore", "paper", image_size=320), 96) == 96  # an explicit size wins

@@ -92,7 +92,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abnormal-dir", default=None, help="folder format: defective images")
     parser.add_argument("--mask-dir", default=None, help="folder format: masks of the defective images")
     parser.add_argument("--seed", type=int, default=0, help="seed of data splits (MTD's 20%% test split)")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--image-size", type=int, default=None,
+        help="side images are resized to (default: 256, or the model's larger working size; for test, the run's)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--skip-bad-files",
@@ -147,11 +150,12 @@ def run_test(args: argparse.Namespace) -> int:
     from metaad.engine.checkpoint import load_model
     from metaad.engine.evaluation import compute_metrics, predict_dataset
     from metaad.engine.report import write_report
-    from metaad.engine.run import read_threshold
+    from metaad.engine.run import read_threshold, run_image_size
 
     model = load_model(args.run)
     dataset = AnomalyDataset(
-        _data_spec(args).records("test"), args.image_size, "skip" if args.skip_bad_files else "raise"
+        _data_spec(args).records("test"), run_image_size(args.run, args.image_size),
+        "skip" if args.skip_bad_files else "raise",
     )
     predictions = predict_dataset(model, dataset, args.batch_size)
     metrics = compute_metrics(predictions)

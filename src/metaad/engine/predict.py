@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from metaad.data.datasets import AnomalyDataset, ImageRecord
 from metaad.engine.checkpoint import load_model
-from metaad.engine.io import atomic_write, read_json
+from metaad.engine.io import atomic_write
 from metaad.engine.report import save_overlay
-from metaad.engine.run import read_threshold
+from metaad.engine.run import read_threshold, run_image_size
 
 
 def predict_images(
@@ -29,10 +29,7 @@ def predict_images(
     model = load_model(run)
     if threshold is None:
         threshold = read_threshold(run)
-    if image_size is None:
-        config_path = Path(run) / "config.json"
-        image_size = int(read_json(config_path).get("image_size", 256)) if config_path.is_file() else 256
-    dataset = AnomalyDataset(records, image_size)
+    dataset = AnomalyDataset(records, run_image_size(run, image_size))
     rows, scale = [], None
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="predict", unit="batch"):
         prediction = model.predict(batch["image"])

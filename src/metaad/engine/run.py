@@ -32,6 +32,7 @@ from metaad.data.datasets import (
     mvtec_records,
     seeded_split,
 )
+from metaad.data.transforms import DEFAULT_IMAGE_SIZE
 from metaad.engine.checkpoint import save_model
 from metaad.engine.evaluation import compute_metrics, predict_dataset
 from metaad.engine.io import read_json, write_json
@@ -85,6 +86,17 @@ def split_calibration(records: list[ImageRecord], fraction: float, seed: int) ->
     return seeded_split(records, n_held, seed)
 
 
+def loading_size(model: nn.Module, requested: int | None = None) -> int:
+    """The side images are loaded at: ``requested`` if given; else the model's working size (its
+    ``image_size``) when that is larger than the papers' 256 px, so a photograph is resized once instead of
+    down to 256 and up again; else 256. Metrics are computed at this size."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {requested}")
+        return int(requested)
+    return max(DEFAULT_IMAGE_SIZE, getattr(model, "image_size", None) or 0)
+
+
 def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> list[ImageRecord]:
     """The k-shot protocol: a seeded random subset of k defect-free training images (all when None)."""
     if shots is None or shots >= len(records):
@@ -105,7 +117,7 @@ def fit_and_evaluate(
     model: nn.Module,
     data: DataSpec,
     out: str | Path,
-    image_size: int = 256,
+    image_size: int | None = None,
     shots: int | None = None,
     calibration_fraction: float = 0.1,
     false_alarm_rate: float = 0.01,
@@ -113,8 +125,12 @@ def fit_and_evaluate(
     on_error: str = "raise",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit ``model`` on the training split, save it, set the threshold, evaluate on the test split."""
+    """Fit ``model`` on the training split, save it, set the threshold, evaluate on the test split.
+
+    Images are loaded at ``image_size``, by default at :func:`loading_size` of the model.
+    """
     out = Path(out)
+    image_size = loading_size(model, image_size)
     train_records = data.records("train")
     test_records = data.records("test")
     fit_records, calibration_records = split_calibration(train_records, calibration_fraction, data.seed)
@@ -170,6 +186,16 @@ def fit_and_evaluate(
         metrics["fitted"] = model.fit_summary()
     write_report(out, predictions, metrics, threshold)
     return metrics
+
+
+def run_image_size(run: str | Path, requested: int | None = None) -> int:
+    """The side a run's model was fitted and evaluated at (its ``config.json``), unless ``requested``."""
+    if requested is not None:
+        return int(requested)
+    config_path = Path(run) / "config.json"
+    if not config_path.is_file():
+        return DEFAULT_IMAGE_SIZE
+    return int(read_json(config_path).get("image_size", DEFAULT_IMAGE_SIZE))
 
 
 def read_threshold(run: str | Path) -> float | None:

@@ -77,6 +77,14 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     assert len(list((out / "heatmaps").glob("*.png"))) == 6
     assert len(list((out / "overlays").glob("*.png"))) == 6
 
+    everything = tmp_path / "pred_all"  # a folder of sub-folders whose images share file names
+    assert main(["predict", "--run", str(run), str(synthetic_root / "weave" / "test"), "--out", str(everything)]) == 0
+    with open(everything / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    n_images = sum(1 for p in (synthetic_root / "weave" / "test").rglob("*.png"))
+    assert len(rows) == n_images > 6 and len({r["name"] for r in rows}) == n_images
+    assert len(list((everything / "heatmaps").glob("*.png"))) == n_images
+
 
 def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     assert main(["fit", "--data", str(tmp_path), "--category", "nothing", "--out", str(tmp_path / "r")]) == 2

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metaad.data.datasets import IMAGE_EXTENSIONS, AnomalyDataset, ImageRecord, list_images
+from metaad.data.datasets import IMAGE_EXTENSIONS, AnomalyDataset, ImageRecord
 from metaad.models import MODELS
 
 
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict", help="score images: per-image score, decision, heat map, overlay, CSV"
     )
     predict.add_argument("--run", required=True, help="run folder written by 'metaad fit'")
-    predict.add_argument("inputs", nargs="+", help="image files or folders of images")
+    predict.add_argument("inputs", nargs="+", help="image files or folders of images (searched recursively)")
     predict.add_argument("--out", required=True, help="folder for predictions.csv, heatmaps/ and overlays/")
     predict.add_argument(
         "--threshold", type=float, default=None, help="override the run's calibrated threshold"
@@ -221,8 +221,8 @@ def _expand_inputs(inputs: list[str]) -> list[ImageRecord]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            files += list_images(path)
+        if path.is_dir():  # every image below it, sub-folders included (e.g. an MVTec test/ folder)
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,8 @@ def predict_images(
     image_size: int | None = None,
     batch_size: int = 16,
 ) -> list[dict]:
-    """Write ``predictions.csv``, ``heatmaps/NAME.png`` (16-bit, scaled to the run's score range) and
-    ``overlays/NAME.png`` for every image; returns the rows of the CSV."""
+    """Write ``predictions.csv`` (path, name, score, decision, threshold), ``heatmaps/NAME.png`` (16-bit,
+    scaled to the run's score range) and ``overlays/NAME.png`` for every image; returns the rows of the CSV."""
     model = load_model(run)
     if threshold is None:
         threshold = read_threshold(run)
@@ -49,20 +51,27 @@ def predict_images(
                 scale,
                 title=f"score {score:.3f} {decision}",
             )
-            rows.append({"path": path, "stem": stem, "score": score, "decision": decision})
-    lines = ["path,score,decision,threshold"] + [
-        f"{r['path']},{r['score']:.6g},{r['decision']},{'' if threshold is None else f'{threshold:.6g}'}" for r in rows
-    ]
-    text = "\n".join(lines) + "\n"
+            rows.append({"path": path, "name": stem, "score": score, "decision": decision})
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes paths that contain commas
+    writer.writerow(["path", "name", "score", "decision", "threshold"])
+    for r in rows:
+        writer.writerow(
+            [r["path"], r["name"], f"{r['score']:.6g}", r["decision"], "" if threshold is None else f"{threshold:.6g}"]
+        )
+    text = table.getvalue()
     atomic_write(out / "predictions.csv", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return rows
 
 
 def _unique_stem(path: Path, rows: list[dict]) -> str:
-    taken = {r["stem"] for r in rows}
-    stem, n = path.stem, 1
+    """The output name of an image: its stem, or ``<folder>_<stem>`` when another image had that stem (as the
+    same file names in an MVTec ``test/<defect>/`` folder do), then numbered."""
+    taken = {r["name"] for r in rows}
+    base = path.stem if path.stem not in taken else f"{path.parent.name}_{path.stem}"
+    stem, n = base, 1
     while stem in taken:
-        stem, n = f"{path.stem}_{n}", n + 1
+        stem, n = f"{base}_{n}", n + 1
     return stem
 
 

@@ -11,6 +11,9 @@ figures go to ``benchmarks/results/patchcore_synthetic_<name>.json``.
 
 from __future__ import annotations
 
+import metaad  # noqa: F401  (first: OpenMP passive waiting, hence multi-threaded faiss, needs it before torch)
+
+# isort: split
 import argparse
 import json
 

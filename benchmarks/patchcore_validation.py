@@ -20,6 +20,9 @@ The figures go to ``benchmarks/results/patchcore_validation_<name>.json``.
 
 from __future__ import annotations
 
+import metaad  # noqa: F401  (first: OpenMP passive waiting, hence multi-threaded faiss, needs it before torch)
+
+# isort: split
 import argparse
 import json
 import random

@@ -26,6 +26,7 @@ RUNS = (
     "mtd_patchcore_320px",
     "mtd_patchcore_border_only",
     "mtd_patchcore_paper",
+    "mtd_patchcore_paper_256px",
     "kshot_metaformer_cpu_universal-cpu_all",
     "kshot_metaformer_cpu_A_universal_all",
     "kshot_metaformer_cpu_A+P_universal_all",

@@ -84,12 +84,13 @@ class PatchCore(nn.Module):
         seed: seeds the projection, the coreset start points and the IVF centroids.
 
     The defaults are the paper's settings except ``standardize_images`` and ``border_padding`` (see above).
-    Presets: ``"paper"`` (exactly the paper: neither addition) and ``"cpu"`` (a 1% coreset, for quick runs on
-    2 cores).
+    Presets: ``"paper"`` (the MIAD paper's A.2.2 setting: 224×224 inputs and neither addition; its
+    WideResNet-50 needs ``backbone="wide_resnet50_2", weights=PATH``) and ``"cpu"`` (a 1% coreset, for quick
+    runs on 2 cores).
     """
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {"image_size": 256, "standardize_images": "never", "border_padding": 0},
+        "paper": {"image_size": 224, "standardize_images": "never", "border_padding": 0},
         "cpu": {"coreset_ratio": 0.01},
     }
     # A model saved before a parameter existed was fitted as if it had this value (see engine.checkpoint).

@@ -56,13 +56,13 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
                 str(synthetic_root),
                 "--category",
                 "weave",
-                "--image-size",
-                "64",
             ]
         )
         == 0
     )
-    assert json.loads((run / "test" / "metrics.json").read_text())["image_auroc"] == metrics["image_auroc"]
+    # without --image-size, test loads the images at the size the run was fitted at (64 px, from config.json)
+    tested = json.loads((run / "test" / "metrics.json").read_text())
+    assert tested["image_auroc"] == metrics["image_auroc"] and tested["pro"] == metrics["pro"]
 
     out = tmp_path / "pred"
     assert (

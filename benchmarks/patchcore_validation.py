@@ -162,10 +162,8 @@ def main() -> None:
     for fold, (fit_records, val_records) in enumerate(splits):
         sets: dict[int, tuple] = {}  # input size -> validation images, masks, labels (same defects each size)
         for candidate in args.candidates:
-            params = {"backbone": args.backbone, "image_size": args.image_size, **candidate_params(candidate)}
-            if params["image_size"] is None:  # no size asked for: the model's default
-                del params["image_size"]
-            model = create_model("patchcore", **params)
+            params = {"backbone": args.backbone, **({"image_size": args.image_size} if args.image_size else {})}
+            model = create_model("patchcore", **{**params, **candidate_params(candidate)})
             image_size = loading_size(model, args.image_size)
             if image_size not in sets:
                 sets[image_size] = validation_set(

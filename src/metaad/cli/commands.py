@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metaad.data.datasets import IMAGE_EXTENSIONS, AnomalyDataset, ImageRecord
+from metaad.data.datasets import IMAGE_EXTENSIONS, AnomalyDataset, ImageRecord, list_images
 from metaad.models import MODELS
 
 
@@ -222,7 +222,7 @@ def _expand_inputs(inputs: list[str]) -> list[ImageRecord]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():  # every image below it, sub-folders included (e.g. an MVTec test/ folder)
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += list_images(path, recursive=True)
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")

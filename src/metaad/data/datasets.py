@@ -44,12 +44,14 @@ def seeded_split(items: Sequence, n_held_out: int, seed: int) -> tuple[list, lis
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder`` (extensions matched case-insensitively), sorted by name."""
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files directly in ``folder`` (or anywhere below it with ``recursive``; extensions matched
+    case-insensitively), sorted by path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found (expected a folder of images)")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _require_images(folder: Path) -> list[Path]:

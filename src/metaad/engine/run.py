@@ -91,10 +91,14 @@ def loading_size(model: nn.Module, requested: int | None = None) -> int:
     ``image_size``) when that is larger than the papers' 256 px, so a photograph is resized once instead of
     down to 256 and up again; else 256. Metrics are computed at this size."""
     if requested is not None:
-        if requested < 1:
-            raise ValueError(f"image_size must be a positive number of pixels, got {requested}")
-        return int(requested)
+        return _checked_size(requested)
     return max(DEFAULT_IMAGE_SIZE, getattr(model, "image_size", None) or 0)
+
+
+def _checked_size(requested: int) -> int:
+    if requested < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {requested}")
+    return int(requested)
 
 
 def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> list[ImageRecord]:
@@ -191,7 +195,7 @@ def fit_and_evaluate(
 def run_image_size(run: str | Path, requested: int | None = None) -> int:
     """The side a run's model was fitted and evaluated at (its ``config.json``), unless ``requested``."""
     if requested is not None:
-        return int(requested)
+        return _checked_size(requested)
     config_path = Path(run) / "config.json"
     if not config_path.is_file():
         return DEFAULT_IMAGE_SIZE

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metaad.data.datasets import mvtec_records
+from metaad.data.transforms import pil_to_tensor
+from metaad.engine.checkpoint import load_model, save_model
+from metaad.io import read_json
+from metaad.models import create_model
+from metaad.models.fastflow import FastFlow
+from metaad.training import train_model
+
+TINY = FastFlow.PRESETS["tiny"]
+
+
+def weave(root, split: str) -> tuple[torch.Tensor, list[int]]:
+    """The synthetic category's images in [0, 1] at 64 px, and their labels."""
+    records = mvtec_records(root, "weave", split)
+    images = torch.stack([pil_to_tensor(Image.open(r.path), 64) for r in records])
+    return images, [r.label for r in records]
+
+
+def with_blob(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """A bright square pasted at a random place of each image."""
+    generator = torch.Generator().manual_seed(seed)
+    out = images.clone()
+    for image in out:
+        top, left = torch.randint(4, images.shape[-1] - 16, (2,), generator=generator).tolist()
+        image[:, top : top + 12, left : left + 12] = 1.0
+    return out
+
+
+def test_shapes_any_input_size_and_the_contract():
+    model = FastFlow(**TINY)
+    assert model.PRESETS.keys() >= {"paper", "cpu", "tiny"}
+    assert json.dumps(model.training_settings().__dict__, default=list)
+    for (z, log_jac_det), norm in zip(model.encode(torch.rand(2, 3, 50, 90)), model.norms, strict=True):
+        assert z.shape[1:] == norm.normalized_shape and log_jac_det.shape == (2,)
+    prediction = model.predict(torch.rand(3, 3, 50, 70))
+    assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 50, 70)
+    assert torch.isfinite(prediction.maps).all() and (prediction.maps <= 0).all() and (prediction.maps >= -1).all()
+    assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+    with pytest.raises(ValueError, match="image_size"):
+        FastFlow(**{**TINY, "image_size": None})
+
+
+def test_the_seed_fixes_the_initial_weights_and_permutations():
+    first, second = FastFlow(**TINY), FastFlow(**TINY)
+    same, other = second.state_dict(), FastFlow(**{**TINY, "seed": 1}).state_dict()
+    assert all(torch.equal(same[k], v) for k, v in first.state_dict().items())
+    assert not all(torch.equal(other[k], v) for k, v in first.state_dict().items())
+    # FrEIA draws permutations from numpy's global generator: building a model leaves it as it was
+    np.random.seed(5)
+    expected = np.random.rand()
+    np.random.seed(5)
+    FastFlow(**TINY)
+    assert np.random.rand() == expected
+
+
+def test_every_fitted_tensor_is_in_the_state_dict():
+    model = FastFlow(**TINY)
+    state = model.state_dict()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(state)
+    assert any(name.endswith("w_perm") for name in state)  # the flows' fixed permutations travel too
+
+
+def test_loss_decreases_and_a_defect_scores_above_good_images(synthetic_root, tmp_path):
+    train, _ = weave(synthetic_root, "train")
+    test, labels = weave(synthetic_root, "test")
+    good = test[[i for i, label in enumerate(labels) if label == 0]]
+    model = create_model("fastflow", "tiny", epochs=8, flow_steps=4, batch_size=8)
+    model.fit(train, workdir=tmp_path)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    scores = model.predict(torch.cat([good, with_blob(good, 0)])).scores
+    assert scores[len(good):].min() > scores[: len(good)].max()
+
+
+def test_save_and_load_score_identically(tmp_path):
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model = FastFlow(**TINY).fit(images)
+    expected = model.predict(images)
+    save_model(model, tmp_path)
+    again = load_model(tmp_path).predict(images)
+    assert torch.equal(again.scores, expected.scores) and torch.equal(again.maps, expected.maps)
+
+
+def test_interrupted_and_resumed_training_ends_bit_identical(tmp_path):
+    images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    settings = {**TINY, "epochs": 3, "batch_size": 4}
+    straight = FastFlow(**settings).fit(images, workdir=tmp_path / "straight")
+
+    class StopTrainingError(Exception):
+        pass
+
+    def interrupt(epoch, model):
+        raise StopTrainingError  # after the first epoch's checkpoint
+
+    with pytest.raises(StopTrainingError):
+        train_model(FastFlow(**settings), images, workdir=tmp_path / "resumed", on_epoch_end=interrupt)
+    assert read_json(tmp_path / "resumed" / "checkpoint.json")["epoch"] == 1
+    resumed = FastFlow(**settings).fit(images, workdir=tmp_path / "resumed", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

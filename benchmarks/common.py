@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from metaad.engine.io import write_json
+from metaad.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

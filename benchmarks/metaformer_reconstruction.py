@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common import REPO, record, require_data
+from metaad.components.smoothing import gaussian_blur
 from metaad.data.datasets import AnomalyDataset, mtd_records
-from metaad.data.transforms import denormalize
 from metaad.engine.checkpoint import load_model
 from metaad.engine.run import set_threads
-from metaad.models.smoothing import gaussian_blur
 
 
 @torch.no_grad()
@@ -30,7 +29,7 @@ def gaps(model, loader) -> dict[str, float]:
     sums = {"good": [0.0, 0], "defect_inside_mask": [0.0, 0], "defect_outside_mask": [0.0, 0], "blur_good": [0.0, 0]}
     for batch in loader:
         images = model._resize(batch["image"])
-        target = denormalize(images)
+        target = images
         gap = (model(images) - target).pow(2).mean(1)
         blur = gaussian_blur(target.flatten(0, 1)[:, None], 1.0).view_as(target)
         blur_gap = (blur - target).pow(2).mean(1)

@@ -2,7 +2,7 @@
 
     python benchmarks/mtd_per_defect.py
 
-Reads the ``scores.csv`` of the run folders that ``mtd_patchcore.py`` and ``mtd_kshot.py`` write under
+Reads the ``scores.csv`` of the run folders that ``mtd_benchmark.py`` and ``mtd_kshot.py`` write under
 ``benchmarks/_work/`` (each defect type against all good test images), and measures the area of every test
 defect mask after resizing to 64 and 256 px. Writes ``benchmarks/results/mtd_per_defect.json``.
 """

@@ -2,7 +2,7 @@
 
     python benchmarks/patchcore_profile.py [--run benchmarks/_work/mtd_patchcore] [--images 64]
 
-Loads the model that ``mtd_patchcore.py`` fitted and saved in its run folder, takes the first ``--images``
+Loads the model that ``mtd_benchmark.py`` fitted and saved in its run folder, takes the first ``--images``
 test images, and times per image (batches of the model's ``batch_size``, fastest of three passes): the
 backbone alone on the padded input, in channels-last memory (as the model runs it) and in the default
 contiguous layout; ``embed`` (the backbone plus standardisation, padding and aggregation); the
@@ -16,7 +16,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-import metaad  # noqa: F401  (first, as in mtd_patchcore.py: OpenMP passive waiting needs it before torch/faiss)
+import metaad  # noqa: F401  (first, as in mtd_benchmark.py: OpenMP passive waiting needs it before torch/faiss)
 
 # isort: split
 import torch

@@ -34,10 +34,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from common import parse_param, record, require_data
-from metaad.data.anomaly_synthesis import paste_anomaly
+from metaad.components.anomaly_synthesis import paste_anomaly
 from metaad.data.datasets import AnomalyDataset, list_images, mtd_records
 from metaad.data.synthetic import SURFACE_DEFECTS, draw_surface_defect
-from metaad.data.transforms import normalize, pil_to_tensor
+from metaad.data.transforms import pil_to_tensor
 from metaad.engine.run import loading_size, set_threads, split_calibration
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
@@ -77,7 +77,7 @@ def validation_set(
             image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
             if native:
                 image, m = resize_like_pipeline(array, m, image_size)
-            images.append(normalize(image))
+            images.append(image)
             masks.append(m)
             labels.append(label)
     return torch.stack(images), np.stack(masks).astype(np.uint8), np.array(labels)

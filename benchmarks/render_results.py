@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from common import RESULTS
-from metaad.engine.io import atomic_write
+from metaad.io import atomic_write
 
 PAPERS_MTD = (
     "Papers' figures on Magnetic Tile Defects (image AUROC unless noted): Metaformer 0.993 (Wu et al. 2021); "

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metaad.data.anomaly_synthesis import paste_anomaly, perlin_noise
+from metaad.components.anomaly_synthesis import paste_anomaly, perlin_noise
 
 
 def test_perlin_noise_is_smooth_bounded_and_seeded():

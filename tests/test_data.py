@@ -10,7 +10,7 @@ from metaad.data.datasets import (
     mtd_records,
     mvtec_records,
 )
-from metaad.data.transforms import denormalize, exposure_variation, normalize, standardize_intensity
+from metaad.data.transforms import exposure_variation, standardize_intensity
 
 
 def _write(path, array):
@@ -114,18 +114,18 @@ def test_real_magnetic_tile_split_sizes():
 def test_standardize_intensity_removes_exposure_and_contrast():
     pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.2
     darker = pixels * 0.4 + 0.05  # another shot: lower exposure and contrast
-    out, out_darker = standardize_intensity(normalize(pixels)), standardize_intensity(normalize(darker))
+    out, out_darker = standardize_intensity(pixels), standardize_intensity(darker)
     assert torch.allclose(out, out_darker, atol=1e-4)
-    restored = denormalize(out)
+    restored = out
     assert torch.allclose(restored.mean((1, 2, 3)), torch.full((2,), 0.449), atol=1e-4)
     assert torch.allclose(restored.std((1, 2, 3)), torch.full((2,), 0.226), atol=1e-4)
-    flat = standardize_intensity(normalize(torch.full((1, 3, 4, 4), 0.7)))  # no spread: uniform grey, finite
-    assert torch.allclose(denormalize(flat), torch.full((1, 3, 4, 4), 0.449), atol=1e-5)
+    flat = standardize_intensity(torch.full((1, 3, 4, 4), 0.7))  # no spread: uniform grey, finite
+    assert torch.allclose(flat, torch.full((1, 3, 4, 4), 0.449), atol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         standardize_intensity(torch.zeros(3, 4, 4))
 
 
 def test_exposure_variation_is_the_coefficient_of_variation_of_mean_brightness():
-    shots = normalize(torch.stack([torch.full((3, 4, 4), 0.2), torch.full((3, 4, 4), 0.6)]))
+    shots = torch.stack([torch.full((3, 4, 4), 0.2), torch.full((3, 4, 4), 0.6)])
     assert exposure_variation([shots[:1], shots[1:]]) == pytest.approx(0.5, abs=1e-5)  # std 0.2 / mean 0.4
-    assert exposure_variation([normalize(torch.full((3, 3, 4, 4), 0.3))]) == pytest.approx(0.0, abs=1e-6)
+    assert exposure_variation([torch.full((3, 3, 4, 4), 0.3)]) == pytest.approx(0.0, abs=1e-6)

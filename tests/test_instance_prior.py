@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import shared_data
 from metaad.data.datasets import DataError
-from metaad.data.saliency import disjoint_split, list_saliency_folder, load_square_masks, make_effect_images
+from metaad.data.saliency import disjoint_split, list_saliency_folder, load_square_masks
 from metaad.data.transforms import normalize
 from metaad.engine.instance_prior_training import (
     PriorTrainingConfig,
@@ -34,6 +34,7 @@ from metaad.models.instance_prior import (
     collapse_guard,
     load_instance_prior,
     luminance_context,
+    make_effect_images,
     to_gray,
 )
 from metaad.models.saliency_baselines import CenterBiasGaussian, SpectralResidual

@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from metaad.data.transforms import denormalize, normalize
-from metaad.engine.io import load_tensors, save_tensors
+from metaad.components.ssim import global_ssim, ssim, ssim_loss
+from metaad.io import load_tensors, save_tensors
 from metaad.meta.maml import (
     MetaTrainConfig,
     WildImages,
@@ -30,7 +30,6 @@ from metaad.meta.maml import (
 )
 from metaad.meta.tasks import build_meta_tasks, list_wild_images
 from metaad.models.metaformer import Metaformer
-from metaad.models.ssim import global_ssim, ssim, ssim_loss
 
 TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias"}
 
@@ -55,13 +54,13 @@ def one_thread():
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """Smooth random colour gradients, ImageNet-normalised."""
+    """Smooth random colour gradients in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     base = torch.rand(n, 3, 1, 1, generator=g) * 0.5 + 0.25
     slope = (torch.rand(n, 3, 2, 1, 1, generator=g) - 0.5) * 0.4
     rgb = base + slope[:, :, 0] * ys + slope[:, :, 1] * xs
-    return normalize(rgb.clamp(0, 1))
+    return rgb.clamp(0, 1)
 
 
 # -- architecture ----------------------------------------------------------------------------------------------
@@ -90,7 +89,7 @@ def test_configurations_forward_loss_predict(configuration):
     output = model(images)
     assert output.shape == (3, 3, 32, 32)
     assert output.min() >= 0 and output.max() <= 1
-    reconstruction = model.autoencoder(denormalize(images))
+    reconstruction = model.autoencoder(images)
     prior = model.compute_prior(images)
     if configuration == "A":
         assert prior is None and model.transformer is None
@@ -127,7 +126,7 @@ def test_injected_prior_is_used():
 
     images = _images(2)
     model.set_prior(Half())
-    torch.testing.assert_close(model(images), 0.5 * model.autoencoder(denormalize(images)))
+    torch.testing.assert_close(model(images), 0.5 * model.autoencoder(images))
 
 
 # -- SSIM ------------------------------------------------------------------------------------------------------
@@ -246,7 +245,8 @@ def test_two_gloo_processes_take_the_same_step_as_one(tmp_path):
     for rank in range(2):
         state = load_tensors(tmp_path / f"state.{rank}")
         for name, value in single.items():
-            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
+            # Adam's first step is about ±lr (1e-2) per weight; summation order moves it by < 2e-4
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=5e-4, msg=name)
     assert not torch.allclose(single["autoencoder.encoder.conv1.weight"], initial["autoencoder.encoder.conv1.weight"])
 
 
@@ -383,9 +383,7 @@ def test_adapted_model_scores_a_bright_square_above_good_images(configuration):
     model.fit(_images(32, seed=0))
     good = _images(8, seed=1)
     defective = _images(8, seed=2)
-    rgb = denormalize(defective)
-    rgb[:, :, 12:19, 14:21] = 1.0
-    defective = normalize(rgb)
+    defective[:, :, 12:19, 14:21] = 1.0
     prediction = model.predict(torch.cat([good, defective]))
     scores = prediction.scores
     assert scores[8:].min() > scores[:8].max()
@@ -414,7 +412,7 @@ def test_shipped_universal_model_loads_offline_and_adapts():
     model = create_model("metaformer", preset="cpu", init="universal-cpu", adapt_epochs=1)
     model.load_universal("universal-cpu")
     universal = {k: v.clone() for k, v in model.state_dict().items()}
-    images = torch.randn(4, 3, 64, 64)
+    images = torch.rand(4, 3, 64, 64)
     prediction = model.fit(images).predict(images)
     assert prediction.scores.shape == (4,) and torch.isfinite(prediction.maps).all()
     assert any(not torch.equal(universal[k], v) for k, v in model.state_dict().items())  # adaptation moved θ

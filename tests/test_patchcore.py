@@ -6,16 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from metaad.components.coreset import greedy_coreset
+from metaad.components.smoothing import gaussian_blur
 from metaad.data.datasets import AnomalyDataset, mvtec_records
-from metaad.data.transforms import denormalize, exposure_variation, normalize
+from metaad.data.transforms import exposure_variation
 from metaad.engine.checkpoint import load_model, save_model
-from metaad.engine.io import load_tensors, read_json, save_tensors, write_json
 from metaad.engine.run import loading_size
+from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.metrics import image_auroc
 from metaad.models import create_model
-from metaad.models.coreset import greedy_coreset
 from metaad.models.patchcore import PatchCore
-from metaad.models.smoothing import gaussian_blur
 
 
 def _exact_greedy(points: np.ndarray, n: int, start: int) -> list[int]:
@@ -136,7 +136,7 @@ def test_unfitted_model_says_so():
 def test_border_padding_keeps_the_grid_and_reduces_zero_padding_artefacts():
     """On a flat grey image every patch should look alike; the backbone's zero padding makes border patches
     differ, and reflected border padding must cut that spread while returning the same feature grid."""
-    flat = normalize(torch.full((1, 3, 128, 128), 0.5))
+    flat = torch.full((1, 3, 128, 128), 0.5)
 
     def spread(model: PatchCore) -> tuple[torch.Size, float]:
         features = model.embed(flat)[0]
@@ -151,14 +151,14 @@ def test_border_padding_keeps_the_grid_and_reduces_zero_padding_artefacts():
 
 
 def _reexposed(images: torch.Tensor, gain: float, offset: float) -> torch.Tensor:
-    return normalize(denormalize(images) * gain + offset)
+    return images * gain + offset
 
 
 def test_auto_standardization_follows_the_training_exposure_and_makes_scores_exposure_invariant(synthetic_root):
     train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
     images = torch.stack([train[i]["image"] for i in range(len(train))])
     gains = torch.linspace(0.5, 1.2, len(images)).view(-1, 1, 1, 1)  # shots of varying exposure
-    varied = normalize(denormalize(images) * gains)
+    varied = images * gains
     steady = PatchCore(image_size=64, coreset_ratio=0.5, search="exact").fit(images, progress=False)
     assert float(steady.exposure_variation) < PatchCore.EXPOSURE_VARIATION_LIMIT and not steady.standardizing
     adaptive = PatchCore(image_size=64, coreset_ratio=0.5, search="exact")

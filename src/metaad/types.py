@@ -1,18 +1,111 @@
-"""Small shared types: what every method's ``predict`` returns."""
+"""The contract between the engine and a method, written once (``../DESIGN`` "The contract").
+
+A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel`:
+
+- its constructor arguments are its whole config: each is stored under the same name, is JSON-serialisable,
+  and ``type(model)(**config)`` rebuilds it (``metaad.models.get_config``);
+- ``PRESETS`` on the class holds ``"paper"`` (the paper's settings), ``"cpu"`` (what trains on 2 cores)
+  and ``"tiny"`` (for tests), each a dict of constructor arguments;
+- inputs are float (B, 3, H, W) RGB images in [0, 1] of any H and W; the method normalises for its own
+  backbone and resizes to its own ``image_size``; maps come back at H × W;
+- every fitted tensor lives in a parameter or a buffer, so ``state_dict`` (one safetensors file) plus the
+  config rebuild a fitted model. A buffer whose size depends on the data (a memory bank) is registered
+  empty; loading resizes it to the saved shape;
+- optional: ``SAVED_WITHOUT`` (ClassVar dict), what a model saved by an older metaad lacks: constructor
+  arguments (the value its fit used) and buffer names (which then keep their constructed value);
+  ``fit_summary() -> dict``, what the fit decided from the data (written to a run's ``metrics.json``).
+
+Gradient-trained methods are also :class:`TrainableModel`: they give the shared training loop
+(``metaad.training``) a loss for a batch and their optimiser settings, and their ``fit`` calls the loop.
+The engine relies on these names and nothing else.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 
 class AnomalyPrediction(NamedTuple):
-    """Output of ``Method.predict``.
-
-    scores: (B,) image anomaly scores, higher = more anomalous.
-    maps: (B, H, W) pixel anomaly maps at the input resolution.
-    """
+    """Output of ``predict``: scores (B,) higher = more anomalous; maps (B, H, W) at the input's size."""
 
     scores: torch.Tensor
     maps: torch.Tensor
+
+
+TrainData = torch.Tensor | Iterable[Any]
+"""What ``fit`` accepts: a (N, 3, H, W) tensor in [0, 1], a map-style data set or DataLoader of metaad
+samples (dicts with an ``"image"`` entry), or any iterable of such batches."""
+
+
+@runtime_checkable
+class AnomalyModel(Protocol):
+    """What every registered method provides (see the module docstring)."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]]
+    image_size: int | None
+
+    def fit(
+        self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False
+    ) -> AnomalyModel:
+        """Learn from defect-free images; ``workdir`` receives checkpoints and logs of trained methods,
+        ``resume`` continues from its last checkpoint. Returns ``self``."""
+        ...
+
+    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
+        """Scores and maps for (B, 3, H, W) images in [0, 1]."""
+        ...
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How the shared loop optimises a method (its paper's settings, from the method's constructor).
+
+    ``lr_milestones`` are fractions of ``epochs`` after which the learning rate is multiplied by
+    ``lr_gamma`` (DRAEM: (0.8, 0.9), ×0.2).
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"  # "adam" or "adamw" or "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TrainableModel(AnomalyModel, Protocol):
+    """A gradient-trained method: the loop owns epochs, optimiser, schedule, order, checkpoints and resume."""
+
+    def training_settings(self) -> TrainingSettings:
+        """The optimiser, schedule, batch size and epochs to train with."""
+        ...
+
+    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """A scalar loss for a batch of defect-free (B, 3, H, W) images in [0, 1] (the model is in train mode)."""
+        ...
+
+
+def model_params(cls: type) -> list[str]:
+    """Constructor parameter names of a method class (each stored as an attribute of the same name)."""
+    import inspect
+
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def get_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model`` (JSON-serialisable; tuples become lists)."""
+    config = {}
+    for name in model_params(type(model)):
+        value = getattr(model, name)
+        config[name] = list(value) if isinstance(value, tuple) else value
+    return config

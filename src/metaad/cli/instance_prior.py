@@ -6,8 +6,6 @@ import argparse
 import shlex
 import sys
 
-from metaad.engine.instance_prior_training import PriorTrainingConfig
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train-prior`` to ``metaad``'s sub-commands."""
@@ -23,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", nargs="+", required=True, metavar="DIR", help="saliency folders (images/, masks/)")
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint, log.jsonl and the exported generator")
-    parser.add_argument("--preset", choices=sorted(PriorTrainingConfig.PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu", help="PriorTrainingConfig.PRESETS")
     parser.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch size")
     parser.add_argument("--lr", type=float, help="override the preset's learning rate")
@@ -39,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaad.engine.instance_prior_training import train_instance_prior
+    from metaad.engine.instance_prior_training import PriorTrainingConfig, train_instance_prior
 
     config = PriorTrainingConfig.from_preset(
         args.preset,

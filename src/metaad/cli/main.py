@@ -1,4 +1,6 @@
-"""``metaad`` command line: fit, test, predict, benchmark, demo."""
+"""metaad: visual anomaly detection for industrial inspection, trained on defect-free images only, offline.
+
+Building the parser imports no torch (``metaad --help`` answers at once); each command imports what it needs."""
 
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from metaad.data.datasets import DataError
+DESCRIPTION = """metaad: visual anomaly detection for industrial inspection, trained on defect-free images only.
+
+Fit a model on good images (metaad fit), score new images (metaad predict), evaluate a run on a labelled
+test split (metaad test), or compare methods (metaad benchmark). 'metaad models' lists the methods and
+their presets; 'metaad demo' runs the whole path on a built-in synthetic data set."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads(getattr(args, "threads", None))
     try:
         return int(args.handler(args) or 0)
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # metaad's DataError is a ValueError
         print(f"metaad {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -30,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from metaad.cli import commands, instance_prior, metaformer
 
-    parser = argparse.ArgumentParser(prog="metaad", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="metaad", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.register(subparsers)

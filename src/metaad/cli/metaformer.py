@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from metaad.meta.maml import MetaTrainConfig
-from metaad.models.metaformer import CONFIGURATIONS
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``meta-train`` command."""
@@ -36,13 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=sorted(MetaTrainConfig.PRESETS),
+        choices=("cpu", "paper"),  # MetaTrainConfig.PRESETS, literal so that --help needs no torch
         default="cpu",
         help="'paper': 256 px, full width, 100 epochs, batch 64 (GPU); 'cpu': 64 px, width 1/8",
     )
     parser.add_argument(
         "--configuration",
-        choices=CONFIGURATIONS,
+        choices=("A", "A+P", "A+P+T"),  # metaformer.CONFIGURATIONS (Table 3)
         default="A+P+T",
         help="Table 3 variant to meta-train (default: the full A+P+T)",
     )

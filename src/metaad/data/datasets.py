@@ -16,9 +16,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from metaad.data.transforms import DEFAULT_IMAGE_SIZE, mask_to_tensor, normalize, pil_to_tensor
+from metaad.data.transforms import DEFAULT_IMAGE_SIZE, IMAGE_EXTENSIONS, mask_to_tensor, pil_to_tensor
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 
 
@@ -199,7 +198,7 @@ def folder_records(
 
 # ----------------------------------------------------------------------------------------------- samples
 class AnomalyDataset(Dataset):
-    """Loads records as tensors with the papers' preprocessing (resize, 3 channels, ImageNet normalisation).
+    """Loads records as tensors: RGB in [0, 1] resized to ``image_size`` (the contract's input), binary masks.
 
     ``on_error="raise"`` (default): any unreadable image or bad mask raises :class:`DataError` naming the file.
     ``on_error="skip"``: every file is checked up front; bad ones are dropped with one warning that counts
@@ -248,7 +247,7 @@ class AnomalyDataset(Dataset):
         record = self.records[index]
         image, mask = self._load(record)
         return {
-            "image": normalize(image),
+            "image": image,
             "mask": mask,
             "label": record.label,
             "defect": record.defect,

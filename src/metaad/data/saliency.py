@@ -19,8 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from metaad.data.datasets import DataError
+from metaad.data.transforms import IMAGE_EXTENSIONS
 
-SALIENCY_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+SALIENCY_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS
 MASK_EXTENSIONS = (".png",)
 
 
@@ -119,16 +120,3 @@ def load_square_masks(paths: Sequence[Path], size: int, progress: bool = False) 
         binary = Image.fromarray(((np.asarray(mask) >= 128) * 255).astype(np.uint8))
         out[i, 0] = torch.from_numpy(np.asarray(binary.resize((size, size), Image.BILINEAR)).copy())
     return out
-
-
-def make_effect_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Real colour-selectivo photos: object (mask) in colour, background gray; float RGB in [0, 1].
-
-    ``images`` (N, 3, H, W) and ``masks`` (N, 1, H, W), uint8 (0..255) or float in [0, 1].
-    """
-    from metaad.models.instance_prior import apply_color_selectivo
-
-    def as_float(x: torch.Tensor) -> torch.Tensor:
-        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-    return apply_color_selectivo(as_float(images), as_float(masks))

@@ -1,4 +1,5 @@
-"""The papers' preprocessing: resize to 256x256, grayscale to 3 channels, ImageNet normalisation."""
+"""Image decoding to the contract's input, RGB in [0, 1] (grayscale to 3 channels, resized), and the
+intensity transforms methods share. Normalisation for a backbone belongs to the backbone (``metaad.backbones``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 256  # Metaformer §4, multi-scale patch paper §4: inputs resized to 256x256
+# the image files metaad reads, matched case-insensitively
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def pil_to_tensor(image: Image.Image, size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
@@ -41,30 +44,30 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def standardize_intensity(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Give every ImageNet-normalised (B, 3, H, W) image the ImageNet mean and spread of pixel values.
+    """Give every (B, 3, H, W) image in [0, 1] the ImageNet mean and spread of pixel values.
 
     Each image is shifted and scaled as a whole (one mean and one standard deviation over its pixels and
     channels, so colours keep their relations) to a mean of 0.449 and a standard deviation of 0.226 in [0, 1]
-    units, the averages of the ImageNet statistics, then normalised again. This removes the exposure and
+    units, the averages of the ImageNet statistics. This removes the exposure and
     contrast differences between shots of one product that a frozen backbone would otherwise see as
     different texture. A flat image becomes uniform grey.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected (B, 3, H, W) images, got shape {tuple(images.shape)}")
-    pixels = denormalize(images)
+    pixels = images
     mean = pixels.mean(dim=(1, 2, 3), keepdim=True)
     std = pixels.std(dim=(1, 2, 3), keepdim=True).clamp_min(eps)
     target_mean, target_std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
-    return normalize((pixels - mean) / std * target_std + target_mean)
+    return (pixels - mean) / std * target_std + target_mean
 
 
 def exposure_variation(batches: Iterable[torch.Tensor]) -> float:
-    """Coefficient of variation (std / mean) of the images' mean brightness, for ImageNet-normalised batches.
+    """Coefficient of variation (std / mean) of the images' mean brightness, for batches in [0, 1].
 
     0 when every image is equally bright; about 0.05 for metaad's synthetic categories, 0.31 for Magnetic
     Tile Defects' training images.
     """
-    means = torch.cat([denormalize(batch).mean(dim=(1, 2, 3)) for batch in batches])
+    means = torch.cat([batch.mean(dim=(1, 2, 3)) for batch in batches])
     if means.numel() == 0:
         raise ValueError("exposure_variation needs at least one image")
     average = means.mean().item()

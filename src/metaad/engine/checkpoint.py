@@ -1,6 +1,8 @@
 """Saving and loading fitted models: ``model.json`` (name + constructor arguments) and ``model.safetensors``.
 
 Loading never unpickles or executes anything: the JSON names a registered class, the tensors are safetensors.
+No per-method code: a buffer registered empty (a memory bank, whose size the data decides) is resized to the
+saved shape before loading, and ``SAVED_WITHOUT`` (see ``metaad.types``) fills in what older saves lack.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from pathlib import Path
 from torch import nn
 
 import metaad
-from metaad.engine.io import load_tensors, read_json, save_tensors, write_json
-from metaad.models import create_model, get_config, model_class, registered_name
+from metaad.io import load_tensors, read_json, save_tensors, write_json
+from metaad.models import REGISTRY, create_model, get_config, model_class, registered_name
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,19 +35,54 @@ def load_model(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     if (folder / "model" / CONFIG_FILE).is_file():
         folder = folder / "model"
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder}: no saved model here (expected {CONFIG_FILE} and {WEIGHTS_FILE}, or a run folder "
+            "written by 'metaad fit' with them in model/)"
+        )
     config = read_json(folder / CONFIG_FILE)
     if not isinstance(config, dict) or "model" not in config or "params" not in config:
         raise ValueError(f"{folder / CONFIG_FILE}: expected keys 'model' and 'params'")
-    params = config["params"]
-    # a parameter added after the model was saved takes the value its fit used, not today's default
-    legacy = getattr(model_class(config["model"]), "SAVED_WITHOUT", {})
-    params = {**{k: v for k, v in legacy.items() if k not in params}, **params}
-    model = create_model(config["model"], **params)
+    name = config["model"]
+    if name not in REGISTRY:
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: model {name!r} is not in this metaad ({metaad.__version__}); "
+            f"available: {', '.join(sorted(REGISTRY))}. Refit with 'metaad fit'."
+        )
+    cls = model_class(name)
+    legacy = getattr(cls, "SAVED_WITHOUT", {})
+    params = dict(config["params"])
+    model = _build(cls, name, folder, params, legacy)
     state = load_tensors(folder / WEIGHTS_FILE)
+    own = model.state_dict()
+    for key, saved in state.items():  # data-sized buffers, registered empty
+        if key in own and own[key].numel() == 0 and own[key].shape != saved.shape:
+            _set_buffer(model, key, saved)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k.rsplit(".", 1)[-1] not in legacy]
     if missing or unexpected:
         raise ValueError(
-            f"{folder / WEIGHTS_FILE}: does not match model {config['model']!r} "
-            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+            f"{folder / WEIGHTS_FILE}: does not match model {name!r} of this metaad "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); it was saved by metaad "
+            f"{config.get('metaad_version', '?')}. Refit with 'metaad fit'."
         )
     return model.eval()
+
+
+def _build(cls: type, name: str, folder: Path, params: dict, legacy: dict) -> nn.Module:
+    from metaad.types import model_params
+
+    accepted = set(model_params(cls))
+    params = {**{k: v for k, v in legacy.items() if k in accepted and k not in params}, **params}
+    try:
+        return create_model(name, **params)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: cannot rebuild {name!r} with this metaad ({error}). Refit with 'metaad fit'."
+        ) from error
+
+
+def _set_buffer(model: nn.Module, key: str, saved) -> None:
+    owner_name, _, buffer_name = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, buffer_name, saved.new_empty(saved.shape))

@@ -42,7 +42,7 @@ from metaad.data.saliency import (
     load_square_masks,
 )
 from metaad.data.transforms import normalize
-from metaad.engine.io import atomic_write, save_tensors
+from metaad.io import atomic_write, save_tensors
 from metaad.metrics.saliency import SaliencyMetrics
 from metaad.models.instance_prior import (
     Discriminator,

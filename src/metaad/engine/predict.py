@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from metaad.data.datasets import AnomalyDataset, ImageRecord
 from metaad.engine.checkpoint import load_model
-from metaad.engine.io import atomic_write
 from metaad.engine.report import save_overlay
 from metaad.engine.run import read_threshold, run_image_size
+from metaad.io import atomic_write
 
 
 def predict_images(

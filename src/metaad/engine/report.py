@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from metaad.engine.evaluation import Predictions
-from metaad.engine.io import atomic_write, write_json
+from metaad.io import atomic_write, write_json
 from metaad.metrics import pro_curve, roc_curve
 
 

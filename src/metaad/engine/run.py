@@ -4,6 +4,7 @@ Run folder layout::
 
     RUN/config.json      what was run (model, parameters, data, seeds)
     RUN/model/           model.json + model.safetensors (see checkpoint.py)
+    RUN/training/        trained methods: checkpoint, train_log.jsonl, loss_curve.png (see metaad.training)
     RUN/threshold.json   the decision threshold and how it was set
     RUN/metrics.json, roc.png, pro.png, scores.csv, worst/   the report on the test split
 """
@@ -35,8 +36,8 @@ from metaad.data.datasets import (
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
 from metaad.engine.checkpoint import save_model
 from metaad.engine.evaluation import compute_metrics, predict_dataset
-from metaad.engine.io import read_json, write_json
 from metaad.engine.report import write_report
+from metaad.io import read_json, write_json
 from metaad.models import get_config, registered_name
 
 THRESHOLD_FILE = "threshold.json"
@@ -128,10 +129,12 @@ def fit_and_evaluate(
     batch_size: int = 16,
     on_error: str = "raise",
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Fit ``model`` on the training split, save it, set the threshold, evaluate on the test split.
 
-    Images are loaded at ``image_size``, by default at :func:`loading_size` of the model.
+    Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. Trained methods
+    checkpoint into ``out/training`` every epoch; ``resume`` continues an interrupted fit from there.
     """
     out = Path(out)
     image_size = loading_size(model, image_size)
@@ -156,7 +159,12 @@ def fit_and_evaluate(
         },
     )
     tic = time.perf_counter()
-    model.fit(DataLoader(train_set, batch_size=batch_size, shuffle=False))
+    model.fit(
+        DataLoader(train_set, batch_size=batch_size, shuffle=False),
+        progress=progress,
+        workdir=out / "training",
+        resume=resume,
+    )
     fit_seconds = time.perf_counter() - tic
     model.eval()
     save_model(model, out / "model")

@@ -27,8 +27,8 @@ from torch.func import functional_call, grad, grad_and_value
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from metaad.data.transforms import denormalize, normalize, pil_to_tensor
-from metaad.engine.io import load_tensors, read_json, save_tensors, write_json
+from metaad.data.transforms import pil_to_tensor
+from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.models.metaformer import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
 
 Tensors = dict[str, torch.Tensor]
@@ -116,7 +116,7 @@ def metaformer_loss(model: Metaformer) -> LossFn:
 
     def loss_fn(params: Tensors, buffers: Tensors, batch: Batch) -> torch.Tensor:
         output = functional_call(model, (params, buffers), batch)
-        return reconstruction_loss(output, denormalize(batch[0]), model.ssim_weight)
+        return reconstruction_loss(output, batch[0], model.ssim_weight)
 
     return loss_fn
 
@@ -204,12 +204,12 @@ class WildImages:
             device = next(model.parameters()).device
             priors = []
             for chunk in tqdm(self.images.split(batch_size), desc="instance priors", disable=not progress):
-                prior = model.compute_prior(normalize(chunk.to(device).float() / 255))
+                prior = model.compute_prior(chunk.to(device).float() / 255)
                 priors.append((prior * 255).round().to(torch.uint8).cpu())
             self.priors = torch.cat(priors)
 
     def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
-        images = normalize(self.images[index].to(device).float() / 255)
+        images = self.images[index].to(device).float() / 255
         if self.priors is None:
             return (images,)
         return images, self.priors[index].to(device).float() / 255

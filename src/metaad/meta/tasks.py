@@ -25,11 +25,10 @@ from PIL import Image
 from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
-from metaad.data.transforms import normalize, pil_to_tensor
-from metaad.engine.io import read_json, write_json
-from metaad.models.ssim import global_ssim
+from metaad.components.ssim import global_ssim
+from metaad.data.transforms import IMAGE_EXTENSIONS, pil_to_tensor
+from metaad.io import read_json, write_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 1
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -154,7 +153,7 @@ def _embed_all(
             except OSError as error:
                 raise ValueError(f"{path}: cannot read image ({error})") from error
         images = torch.stack(batch)
-        features.append(F.normalize(embedder(normalize(images)).float(), dim=1))
+        features.append(F.normalize(embedder(images).float(), dim=1))
         gray = images.mean(1, keepdim=True)
         thumbnails.append(F.interpolate(gray, size=(thumbnail_size,) * 2, mode="area")[:, 0])
     return torch.cat(features), torch.cat(thumbnails)

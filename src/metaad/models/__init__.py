@@ -1,35 +1,54 @@
-"""The model registry: every method metaad ships, by name. It is also the conformance test matrix."""
+"""The model registry: every method metaad ships, by name, imported only when asked for.
+
+It is also the conformance test matrix (``tests/test_conformance.py``). Adding a method = one module in this
+package + one line here. Nothing in this file imports torch, so ``metaad --help`` stays fast.
+"""
 
 from __future__ import annotations
 
-import inspect
+import importlib
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
 
-from metaad.models.metaformer import Metaformer
-from metaad.models.patchcore import PatchCore
+@dataclass(frozen=True)
+class Registered:
+    """A method's registry entry: where its class lives, its paper, and whether it is gradient-trained."""
 
-MODELS: dict[str, type[nn.Module]] = {
-    "metaformer": Metaformer,
-    "patchcore": PatchCore,
+    path: str  # "module:Class"
+    paper: str
+    trains: bool
+
+
+REGISTRY: dict[str, Registered] = {
+    "patchcore": Registered("metaad.models.patchcore:PatchCore", "Roth et al., CVPR 2022 (MIAD A.2.2)", False),
+    "metaformer": Registered("metaad.models.metaformer:Metaformer", "Wu et al., ICCV 2021", True),
+    "reverse_distillation": Registered(
+        "metaad.models.reverse_distillation:ReverseDistillation", "Deng & Li, CVPR 2022 (MIAD A.2.1)", True
+    ),
+    "fastflow": Registered("metaad.models.fastflow:FastFlow", "Yu et al. 2021 (MIAD A.2.3)", True),
 }
+MODELS = tuple(REGISTRY)  # the registered names, for the CLI's choices
 
 
-def model_class(name: str) -> type[nn.Module]:
-    """The class registered as ``name``, with an error listing the valid names."""
+def model_class(name: str) -> type:
+    """The class registered as ``name`` (imported now), with an error listing the valid names."""
     try:
-        return MODELS[name]
+        entry = REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}") from None
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
+    module, _, attribute = entry.path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
-def create_model(name: str, preset: str | None = None, **params: Any) -> nn.Module:
-    """``MODELS[name](**PRESETS[preset], **params)``: unknown parameters are an error, never ignored."""
+def create_model(name: str, preset: str | None = None, **params: Any):
+    """``REGISTRY[name](**PRESETS[preset], **params)``: unknown parameters are an error, never ignored."""
+    from metaad.types import model_params
+
     cls = model_class(name)
     settings: dict[str, Any] = {}
     if preset is not None:
-        presets = getattr(cls, "PRESETS", {})
+        presets = cls.PRESETS
         if preset not in presets:
             raise ValueError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(sorted(presets))}")
         settings.update(presets[preset])
@@ -41,23 +60,17 @@ def create_model(name: str, preset: str | None = None, **params: Any) -> nn.Modu
     return cls(**settings)
 
 
-def model_params(cls: type[nn.Module]) -> list[str]:
-    """Constructor parameter names of a method class (stored as attributes of the same name)."""
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-
-def get_config(model: nn.Module) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model`` (JSON-serialisable)."""
-    config = {}
-    for name in model_params(type(model)):
-        value = getattr(model, name)
-        config[name] = list(value) if isinstance(value, tuple) else value
-    return config
-
-
-def registered_name(model: nn.Module) -> str:
+def registered_name(model: Any) -> str:
     """The registry name of a model instance."""
-    for name, cls in MODELS.items():
-        if type(model) is cls:
+    cls = type(model)
+    for name, entry in REGISTRY.items():
+        if entry.path == f"{cls.__module__}:{cls.__qualname__}":
             return name
-    raise ValueError(f"{type(model).__name__} is not a registered metaad model")
+    raise ValueError(f"{cls.__name__} is not a registered metaad model")
+
+
+def get_config(model: Any) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model`` (see ``metaad.types.get_config``)."""
+    from metaad.types import get_config as config_of
+
+    return config_of(model)

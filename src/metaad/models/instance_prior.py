@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from metaad.engine.io import load_tensors, read_json
+from metaad.io import load_tensors, read_json
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -301,7 +301,7 @@ def load_instance_prior(path: str | None = None) -> nn.Module:
 
 def export_generator(generator: Generator, path: str | Path, provenance: dict | None = None) -> Path:
     """Write ``path`` (.safetensors, float32) and its ``.json`` config (+ how it was trained)."""
-    from metaad.engine.io import save_tensors, write_json
+    from metaad.io import save_tensors, write_json
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -312,3 +312,14 @@ def export_generator(generator: Generator, path: str | Path, provenance: dict | 
         payload["training"] = provenance
     write_json(path.with_suffix(".json"), json.loads(json.dumps(payload)))
     return path
+
+
+def make_effect_images(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Real colour-selectivo photos: object (mask) in colour, background gray; float RGB in [0, 1].
+
+    ``images`` (N, 3, H, W) and ``masks`` (N, 1, H, W), uint8 (0..255) or float in [0, 1].
+    """
+    def as_float(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+    return apply_color_selectivo(as_float(images), as_float(masks))

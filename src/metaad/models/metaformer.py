@@ -1,7 +1,7 @@
 """Metaformer (Wu et al., ICCV 2021): Î = A(I) ⊗ T(P(I); A(I)), adapted from a meta-learned universal model.
 
-A, the autoencoder of the supplementary's Table 1, reconstructs images in [0, 1] RGB space: inputs arrive
-ImageNet-normalised (metaad's convention), are mapped back with ``denormalize`` and the output is a sigmoid.
+A, the autoencoder of the supplementary's Table 1, reconstructs images in [0, 1] RGB space (the contract's
+input; the output is a sigmoid).
 P, the frozen instance-prior generator, gives a response map R in [0, 1]; T, a vanilla encoder-decoder
 transformer (8 heads, 3 + 3 layers, §3.2), takes R as the encoder's input and the reconstruction Ĩ = A(I) as
 the decoder's, and its output, folded back to an image-sized map R', re-weights Ĩ element-wise (eq. 8).
@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from tqdm.auto import tqdm
 
+from metaad.components.smoothing import gaussian_blur
+from metaad.components.ssim import ssim_loss
 from metaad.data.batches import iter_image_batches
-from metaad.data.transforms import denormalize
-from metaad.engine.io import load_tensors
-from metaad.models.smoothing import gaussian_blur
-from metaad.models.ssim import ssim_loss
-from metaad.types import AnomalyPrediction
+from metaad.data.transforms import normalize
+from metaad.io import load_tensors
+from metaad.training import train_model
+from metaad.types import AnomalyPrediction, TrainData, TrainingSettings
 
 CONFIGURATIONS = ("A", "A+P", "A+P+T")  # Table 3 of the paper
 TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
@@ -156,7 +156,8 @@ class Metaformer(nn.Module):
     ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs, lr 1e-4,
     batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file (None:
     metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module mapping
-    ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1]. P is frozen and not part of ``state_dict``.
+    ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1] (metaad's P takes ImageNet statistics;
+    the model normalises for it). P is frozen and not part of ``state_dict``.
 
     Anomaly map: squared error between I and Î (both in [0, 1]) averaged over RGB, Gaussian-smoothed with
     ``smoothing_sigma`` pixels (at 256 px; scaled with ``image_size``), resized to the input size.
@@ -169,6 +170,8 @@ class Metaformer(nn.Module):
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {},
         "cpu": {"width_multiplier": 0.125, "image_size": 64, "batch_size": 16, "lr": 1e-3},
+        "tiny": {"width_multiplier": 0.125, "image_size": 64, "adapt_epochs": 1, "batch_size": 4,
+                 "prior": "center-bias"},
     }
 
     def __init__(
@@ -199,8 +202,10 @@ class Metaformer(nn.Module):
         self.prior = prior
         self.smoothing_sigma = smoothing_sigma
         self.seed = seed
-        self.autoencoder = Autoencoder(width_multiplier, image_size)
-        self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
+        with torch.random.fork_rng():  # the initial weights depend on ``seed`` alone
+            torch.manual_seed(seed)
+            self.autoencoder = Autoencoder(width_multiplier, image_size)
+            self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
         self.__dict__["_prior_module"] = None  # kept out of the module tree: P is frozen and stored apart
 
     # -- the instance prior P ------------------------------------------------------------------------------
@@ -233,12 +238,12 @@ class Metaformer(nn.Module):
 
     @torch.no_grad()
     def compute_prior(self, images: torch.Tensor) -> torch.Tensor | None:
-        """R = P(I), (B, 1, S, S) in [0, 1], from ImageNet-normalised images; None for configuration "A"."""
+        """R = P(I), (B, 1, S, S) in [0, 1], from [0, 1] images; None for configuration "A"."""
         prior = self.prior_module
         if prior is None:
             return None
         prior.to(images.device)
-        response = prior(images)
+        response = prior(normalize(images))
         if response.ndim != 4 or response.shape[:2] != (images.shape[0], 1):
             raise ValueError(f"the instance prior must return (B, 1, H, W), got {tuple(response.shape)}")
         if response.shape[-2:] != images.shape[-2:]:
@@ -248,11 +253,11 @@ class Metaformer(nn.Module):
     # -- the model ------------------------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, prior_map: torch.Tensor | None = None) -> torch.Tensor:
-        """Î (eq. 8), (B, 3, S, S) in [0, 1], from ImageNet-normalised (B, 3, S, S) images.
+        """Î (eq. 8), (B, 3, S, S) in [0, 1], from (B, 3, S, S) images in [0, 1].
 
         ``prior_map`` is R when already computed (meta-training caches it); otherwise P runs here.
         """
-        reconstruction = self.autoencoder(denormalize(images))
+        reconstruction = self.autoencoder(images)
         if self.configuration == "A":
             return reconstruction
         if prior_map is None:
@@ -263,11 +268,11 @@ class Metaformer(nn.Module):
 
     def loss(self, images: torch.Tensor, prior_map: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. (7) between Î and I."""
-        return reconstruction_loss(self(images, prior_map), denormalize(images), self.ssim_weight)
+        return reconstruction_loss(self(images, prior_map), images, self.ssim_weight)
 
     def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, S, S) smoothed squared reconstruction gap, from ImageNet-normalised (B, 3, S, S) images."""
-        gap = (self(images) - denormalize(images)).pow(2).mean(1, keepdim=True)
+        """(B, S, S) smoothed squared reconstruction gap, from (B, 3, S, S) images in [0, 1]."""
+        gap = (self(images) - images).pow(2).mean(1, keepdim=True)
         sigma = self.smoothing_sigma * self.image_size / 256
         if sigma > 0:
             gap = gaussian_blur(gap, sigma, truncate=3.0)
@@ -296,32 +301,26 @@ class Metaformer(nn.Module):
         self.load_state_dict(load_tensors(path))
         return self
 
-    def fit(self, train: torch.Tensor | Iterable) -> Metaformer:
-        """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images."""
-        if self.init is not None:
+    def training_settings(self) -> TrainingSettings:
+        """§4: meta-testing adapts for 30 epochs with Adam, lr 1e-4, batch 64."""
+        return TrainingSettings(epochs=self.adapt_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. (7) on a batch of defect-free images in [0, 1] (P runs on the batch; it is frozen)."""
+        return self.loss(self._resize(images))
+
+    def fit(
+        self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False
+    ) -> Metaformer:
+        """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images, with the
+        shared training loop (``metaad.training``)."""
+        if self.init is not None:  # a resumed adaptation's checkpoint then replaces these weights
             self.load_universal(self.init)
-        device = _device_of(self)
-        images = torch.cat([self._resize(batch) for batch in iter_image_batches(train, self.batch_size)])
-        if len(images) == 0:
-            raise ValueError("Metaformer.fit needs at least one defect-free image")
-        priors = self._priors(images, device)
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        generator = torch.Generator().manual_seed(self.seed)
-        self.train()
-        for _ in tqdm(range(self.adapt_epochs), desc="metaformer adapt", unit="epoch", leave=False):
-            for index in torch.randperm(len(images), generator=generator).split(self.batch_size):
-                batch = images[index].to(device)
-                prior = None if priors is None else priors[index].to(device)
-                loss = self.loss(batch, prior)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        self.eval()
-        return self
+        return train_model(self, train, progress=progress, workdir=workdir, resume=resume)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | Iterable) -> AnomalyPrediction:
-        """Scores (B,) and maps (B, H, W) at the input size, from ImageNet-normalised images."""
+        """Scores (B,) and maps (B, H, W) at the input size, from images in [0, 1]."""
         self.eval()
         device = _device_of(self)
         scores, maps = [], []
@@ -343,10 +342,6 @@ class Metaformer(nn.Module):
             images.float(), size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
         )
 
-    def _priors(self, images: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-        if self.configuration == "A":
-            return None
-        return torch.cat([self.compute_prior(batch.to(device)).cpu() for batch in images.split(self.batch_size)])
 
 
 def _device_of(module: nn.Module) -> torch.device:

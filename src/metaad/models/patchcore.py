@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import ClassVar
 
-import faiss
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-import metaad
 from metaad.backbones import create_backbone
+from metaad.components.coreset import greedy_coreset, random_projection
+from metaad.components.knn import NearestNeighbours, train_ivf_centroids
+from metaad.components.smoothing import gaussian_blur
 from metaad.data.batches import iter_image_batches
 from metaad.data.transforms import exposure_variation, standardize_intensity
-from metaad.models.coreset import greedy_coreset, random_projection
-from metaad.models.smoothing import gaussian_blur
 from metaad.types import AnomalyPrediction
 
 
@@ -92,12 +91,15 @@ class PatchCore(nn.Module):
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"image_size": 224, "standardize_images": "never", "border_padding": 0},
         "cpu": {"coreset_ratio": 0.01},
+        "tiny": {"image_size": 64, "border_padding": 0, "search": "exact", "batch_size": 4},
     }
-    # A model saved before a parameter existed was fitted as if it had this value (see engine.checkpoint).
+    # What a model saved by an older metaad lacks (see metaad.types): parameters it was fitted as if it had,
+    # and buffers that keep their constructed value.
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {
         "image_size": None,
         "standardize_images": "never",
         "border_padding": 0,
+        "exposure_variation": None,
     }
     EXPOSURE_VARIATION_LIMIT: ClassVar[float] = 0.1
 
@@ -166,7 +168,7 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, width))
         self.register_buffer("ivf_centroids", torch.empty(0, width))
         self.register_buffer("exposure_variation", torch.tensor(float("nan")))
-        self._index: faiss.Index | None = None
+        self._search_index: tuple[tuple, NearestNeighbours] | None = None
 
     @property
     def standardizing(self) -> bool:
@@ -217,8 +219,17 @@ class PatchCore(nn.Module):
         return features
 
     # ----------------------------------------------------------------------------------------------- fit
-    def fit(self, train: torch.Tensor | Iterable, progress: bool = True) -> PatchCore:
-        """Build the memory bank from defect-free images: all patch features -> greedy coreset (§3.2)."""
+    def fit(
+        self,
+        train: torch.Tensor | Iterable,
+        *,
+        progress: bool = False,
+        workdir: str | Path | None = None,
+        resume: bool = False,
+    ) -> PatchCore:
+        """Build the memory bank from defect-free images in [0, 1]: all patch features -> greedy coreset (§3.2).
+
+        One pass, no checkpoints: ``workdir`` and ``resume`` are accepted for the contract and unused."""
         if self.standardize_images == "auto":
             if not hasattr(train, "__len__"):  # a one-shot iterator: keep its batches for the second pass
                 train = list(iter_image_batches(train, self.batch_size))
@@ -244,22 +255,16 @@ class PatchCore(nn.Module):
             keep = greedy_coreset(projected, n_select, shards=shards, seed=self.seed)
             features = features[keep]
         self.memory_bank = features.contiguous()
-        self.ivf_centroids = self._train_ivf(self.memory_bank)
-        self._index = None
+        exact = self.search == "exact" or features.shape[0] < self.ivf_min_bank
+        self.ivf_centroids = features.new_empty(0, features.shape[1]) if exact else train_ivf_centroids(
+            self.memory_bank, self.seed
+        )
         return self
-
-    def _train_ivf(self, bank: torch.Tensor) -> torch.Tensor:
-        if self.search == "exact" or bank.shape[0] < self.ivf_min_bank:
-            return bank.new_empty(0, bank.shape[1])
-        n_lists = int(4 * math.sqrt(bank.shape[0]))
-        kmeans = faiss.Kmeans(bank.shape[1], n_lists, niter=20, seed=self.seed, max_points_per_centroid=64)
-        kmeans.train(bank.numpy())
-        return torch.from_numpy(kmeans.centroids.copy())
 
     # ------------------------------------------------------------------------------------------- predict
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
-        """Image scores (B,) and anomaly maps (B, H, W) for ImageNet-normalised images (B, 3, H, W)."""
+        """Image scores (B,) and anomaly maps (B, H, W) for (B, 3, H, W) images in [0, 1]."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("PatchCore is not fitted: call fit(train_images) or load a fitted model first")
         scores, maps = [], []
@@ -300,39 +305,11 @@ class PatchCore(nn.Module):
 
     # -------------------------------------------------------------------------------------------- search
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k)."""
-        if self._index is None:
-            self._index = self._build_index()
-        threads = faiss.omp_get_max_threads()
-        if not metaad.OPENMP_PASSIVE:  # spinning faiss threads would starve torch's (see metaad/__init__.py)
-            faiss.omp_set_num_threads(1)
-        try:
-            distances, indices = self._index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        return torch.from_numpy(distances).clamp_(min=0).sqrt_(), torch.from_numpy(indices).long()
+        """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k).
 
-    def _build_index(self) -> faiss.Index:
-        bank = np.ascontiguousarray(self.memory_bank.numpy(), dtype=np.float32)
-        dim = bank.shape[1]
-        if self.ivf_centroids.shape[0] == 0:
-            index = faiss.IndexFlatL2(dim)
-        else:
-            quantizer = faiss.IndexFlatL2(dim)
-            quantizer.add(np.ascontiguousarray(self.ivf_centroids.numpy(), dtype=np.float32))
-            index = faiss.IndexIVFFlat(quantizer, dim, self.ivf_centroids.shape[0], faiss.METRIC_L2)
-            index.is_trained = True
-            index.nprobe = self.nprobe
-        index.add(bank)
-        return index
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Resize the fitted buffers to the saved shapes, then load (a model's bank size is data-dependent)."""
-        for name in ("memory_bank", "ivf_centroids"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
-                setattr(self, name, torch.empty_like(saved))
-        state_dict.setdefault(prefix + "exposure_variation", torch.tensor(float("nan")))  # saved before it existed
-        self._index = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        The faiss index is built on first use and rebuilt whenever the bank was replaced (fit or load)."""
+        key = (self.memory_bank.data_ptr(), tuple(self.memory_bank.shape), self.ivf_centroids.data_ptr(), self.nprobe)
+        if self._search_index is None or self._search_index[0] != key:
+            self._search_index = (key, NearestNeighbours(self.memory_bank, self.ivf_centroids, self.nprobe))
+        return self._search_index[1].search(queries, k)
 

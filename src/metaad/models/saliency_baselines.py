@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaad.components.smoothing import gaussian_blur
 from metaad.data.transforms import denormalize
-from metaad.models.smoothing import gaussian_blur
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as in Matlab's rgb2gray
 

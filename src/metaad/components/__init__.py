@@ -1,0 +1,1 @@
+"""Parts several methods share: nearest-neighbour search, coreset, smoothing, SSIM, synthetic anomalies."""

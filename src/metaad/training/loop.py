@@ -1,0 +1,250 @@
+"""The one training loop of every gradient-trained method (``metaad.types.TrainableModel``).
+
+A method defines ``training_loss(images)`` and ``training_settings()``; this loop owns the rest:
+
+- the training images, decoded once and kept in memory (as uint8 when that is lossless);
+- the optimiser (Adam, AdamW or SGD) and a step schedule (``lr_milestones`` × ``lr_gamma``);
+- a seeded order per epoch, and the global RNG re-seeded at each epoch's start, so that a method's random
+  augmentations repeat too;
+- a progress bar with loss and ETA; ``train_log.jsonl`` (one JSON line per epoch) and ``loss_curve.png``;
+- a checkpoint after every epoch (``checkpoint.safetensors`` + ``checkpoint.json``; nothing pickled) and
+  ``resume=True``, which continues from it and ends bit-identical to an uninterrupted run;
+- data parallelism under ``torchrun``: each process computes the gradient of its share of every batch and
+  the gradients are averaged with an all-reduce (what ``DistributedDataParallel`` does, without wrapping the
+  module, so that a method's loss may call any of its parts). gloo on CPUs, NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from metaad.io import atomic_write, load_tensors, read_json, save_tensors, write_json
+from metaad.training.data import TrainImages
+from metaad.types import TrainableModel, TrainData, TrainingSettings, get_config
+
+CHECKPOINT = "checkpoint.safetensors"
+PROGRESS = "checkpoint.json"
+LOSS_LOG = "train_log.jsonl"
+LOSS_CURVE = "loss_curve.png"
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_model(
+    model: TrainableModel,
+    train: TrainData,
+    *,
+    progress: bool = False,
+    workdir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, TrainableModel], None] | None = None,
+) -> TrainableModel:
+    """Train ``model`` on defect-free images with its own settings; returns it in eval mode.
+
+    ``workdir`` receives the checkpoint and the loss log (None: nothing is written and ``resume`` is an
+    error). ``resume`` continues from ``workdir``'s checkpoint, which must come from the same model config.
+    ``on_epoch_end(epoch, model)`` is called after each epoch (1-based), e.g. to validate along one training;
+    the model is back in train mode afterwards.
+    """
+    if not isinstance(model, nn.Module) or not isinstance(model, TrainableModel):
+        raise TypeError(f"{type(model).__name__} is not a trainable metaad model (training_loss, training_settings)")
+    settings = model.training_settings()
+    if settings.epochs < 0 or settings.batch_size < 1:
+        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {settings.epochs} and {settings.batch_size}")
+    workdir = Path(workdir) if workdir is not None else None
+    if resume and workdir is None:
+        raise ValueError("resume=True needs the workdir of the interrupted training")
+    rank, world = distributed_context()
+    if workdir is not None and rank == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    images = TrainImages.from_data(train)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    optimizer = _optimizer(parameters, settings)
+    milestones = sorted({max(1, round(f * settings.epochs)) for f in settings.lr_milestones})
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, settings.lr_gamma)
+    fingerprint = _fingerprint(model, settings, len(images))
+    start, history = 0, []
+    if resume and workdir is not None and (workdir / PROGRESS).is_file():
+        start, history = _load_checkpoint(workdir, model, optimizer, schedule, fingerprint)
+    elif workdir is not None and rank == 0:
+        (workdir / LOSS_LOG).unlink(missing_ok=True)
+    device = next(iter(parameters)).device
+    epochs = range(start, settings.epochs)
+    bar = tqdm(epochs, desc=f"{type(model).__name__} training", unit="epoch", disable=not progress or rank != 0,
+               initial=start, total=settings.epochs)
+    model.train()
+    for epoch in bar:
+        tic = time.perf_counter()
+        torch.manual_seed(_epoch_seed(settings.seed, epoch))  # a method's own randomness repeats on resume
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch)))
+        total, count = 0.0, 0
+        for batch_index in _batches(order, settings.batch_size):
+            share = batch_index.tensor_split(world)[rank]
+            loss = model.training_loss(images[share].to(device)) if len(share) else None
+            optimizer.zero_grad(set_to_none=True)
+            if loss is not None:
+                (loss * len(share) / len(batch_index) * world).backward()
+            _average_gradients(parameters, world)
+            optimizer.step()
+            if loss is not None:
+                total += float(loss.detach()) * len(share)
+                count += len(share)
+        schedule.step()
+        epoch_loss = _all_mean(total, count, world)
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": round(time.perf_counter() - tic, 3)}
+        history.append(record)
+        bar.set_postfix(loss=f"{epoch_loss:.4g}")
+        if workdir is not None and rank == 0:
+            with open(workdir / LOSS_LOG, "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
+            _save_checkpoint(workdir, model, optimizer, schedule, epoch + 1, history, fingerprint)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model)
+            model.train()
+    model.eval()
+    if workdir is not None and rank == 0 and history:
+        plot_loss_curve(history, workdir / LOSS_CURVE, title=type(model).__name__)
+    return model
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Batches of the epoch's order; a last batch of one image joins the one before it (batch norm needs two)."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def _optimizer(parameters: list[nn.Parameter], settings: TrainingSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(parameters, settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(parameters, settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {settings.optimizer!r}")
+
+
+def _average_gradients(parameters: list[nn.Parameter], world: int) -> None:
+    """Average the gradients over the processes (each computed its share of the batch)."""
+    if world == 1:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in parameters])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in parameters:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _all_mean(total: float, count: int, world: int) -> float:
+    if world > 1:
+        pair = torch.tensor([total, float(count)], dtype=torch.float64)
+        dist.all_reduce(pair)
+        total, count = float(pair[0]), int(pair[1])
+    return total / max(count, 1)
+
+
+def _fingerprint(model: nn.Module, settings: TrainingSettings, n_images: int) -> dict[str, Any]:
+    config = json.loads(json.dumps(get_config(model), default=str))
+    config.pop("epochs", None)  # a resumed training may be given more epochs
+    return {"model": type(model).__name__, "config": config, "n_images": n_images}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(
+    workdir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict],
+    fingerprint: dict[str, Any],
+) -> None:
+    """Weights and optimiser state (safetensors), then progress (JSON), each written atomically."""
+    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
+    save_tensors(workdir / CHECKPOINT, tensors, metadata={"epoch": str(epoch)})
+    write_json(
+        workdir / PROGRESS,
+        {
+            "epoch": epoch,
+            "fingerprint": fingerprint,
+            "param_groups": optimizer_state["param_groups"],
+            "schedule": {k: v for k, v in schedule.state_dict().items() if k != "milestones"},
+            "history": history,
+        },
+    )
+
+
+def _load_checkpoint(
+    workdir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    fingerprint: dict[str, Any],
+) -> tuple[int, list[dict]]:
+    progress = read_json(workdir / PROGRESS)
+    if progress.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{workdir / PROGRESS}: the checkpoint is of another training ({progress.get('fingerprint')}); "
+            f"this one is {fingerprint}. Resume with the same model settings and images, or start afresh."
+        )
+    tensors = load_tensors(workdir / CHECKPOINT)
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+    schedule_state = schedule.state_dict()
+    schedule_state.update(progress["schedule"])
+    schedule.load_state_dict(schedule_state)
+    return int(progress["epoch"]), list(progress["history"])
+
+
+def plot_loss_curve(history: list[dict], path: Path, title: str = "") -> None:
+    """The loss per epoch as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.2), dpi=100)
+    axis.plot([r["epoch"] for r in history], [r["loss"] for r in history], marker="." if len(history) < 50 else "")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("training loss")
+    axis.set_title(f"{title} training loss")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)

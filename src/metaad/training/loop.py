@@ -91,7 +91,8 @@ def train_model(
     model.train()
     for epoch in bar:
         tic = time.perf_counter()
-        torch.manual_seed(_epoch_seed(settings.seed, epoch))  # a method's own randomness repeats on resume
+        # a method's own randomness (augmentation) repeats on resume; each process draws its own
+        torch.manual_seed(_epoch_seed(settings.seed, epoch) + rank)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch)))
         total, count = 0.0, 0
         for batch_index in _batches(order, settings.batch_size):

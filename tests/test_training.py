@@ -1,0 +1,172 @@
+"""The shared training loop: seeded order, checkpoint + resume (bit-identical), loss log, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from torch import nn
+
+from metaad.io import load_tensors, save_tensors
+from metaad.training import train_model
+from metaad.training.data import TrainImages
+from metaad.types import AnomalyPrediction, TrainableModel, TrainingSettings
+
+
+class TinyReconstructor(nn.Module):
+    """A minimal trainable method: a 2-layer conv autoencoder with a noise augmentation (global RNG)."""
+
+    PRESETS: ClassVar[dict[str, dict]] = {"paper": {}, "cpu": {}, "tiny": {}}
+
+    def __init__(
+        self, epochs: int = 4, batch_size: int = 4, lr: float = 1e-2, noise: float = 0.05, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.epochs, self.batch_size, self.lr, self.noise, self.seed = epochs, batch_size, lr, noise, seed
+        self.image_size = None
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+
+    def training_settings(self) -> TrainingSettings:
+        return TrainingSettings(self.epochs, self.batch_size, self.lr, lr_milestones=(0.5,), lr_gamma=0.5,
+                                seed=self.seed)
+
+    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+        noisy = images + self.noise * torch.randn_like(images)  # randomness that must repeat on resume
+        return (self.net(noisy) - images).pow(2).mean()
+
+    def fit(self, train, *, progress=False, workdir=None, resume=False):
+        return train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
+        maps = (self.net(images) - images).pow(2).mean(1)
+        return AnomalyPrediction(maps.flatten(1).amax(1), maps)
+
+
+def _images(n: int = 10, size: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_contract_is_recognised():
+    assert isinstance(TinyReconstructor(), TrainableModel)
+
+
+def test_training_reduces_the_loss_and_writes_log_and_curve(tmp_path):
+    model = TinyReconstructor(epochs=6).fit(_images(), workdir=tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[2]["lr"] == pytest.approx(5e-3)  # ×0.5 after half of the epochs
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert not model.training
+
+
+def test_killed_and_resumed_training_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    images = _images()
+    whole = TinyReconstructor().fit(images, workdir=tmp_path / "whole")
+
+    class KilledError(Exception):
+        pass
+
+    def kill_after_two(epoch: int, model: nn.Module) -> None:
+        if epoch == 2:
+            raise KilledError
+
+    with pytest.raises(KilledError):
+        train_model(TinyReconstructor(), images, workdir=tmp_path / "killed", on_epoch_end=kill_after_two)
+    resumed = TinyReconstructor().fit(images, workdir=tmp_path / "killed", resume=True)
+    for name, value in _state(whole).items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 4
+
+
+def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
+    TinyReconstructor(epochs=1).fit(_images(), workdir=tmp_path)
+    with pytest.raises(ValueError, match="another training"):
+        TinyReconstructor(lr=0.5).fit(_images(), workdir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="needs the workdir"):
+        TinyReconstructor().fit(_images(), resume=True)
+
+
+def test_training_images_must_be_in_unit_range():
+    with pytest.raises(ValueError, match=r"RGB in \[0, 1\]"):
+        TrainImages(torch.randn(2, 3, 8, 8) * 3)
+    stored = TrainImages(torch.randint(0, 256, (2, 3, 8, 8)).float() / 255)
+    assert stored.images.dtype == torch.uint8  # 8-bit photographs are kept losslessly in a quarter the memory
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = TinyReconstructor(epochs=2, noise=0.0).fit(_images(12))
+        save_tensors(f"{out}.{rank}", model.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
+    single = TinyReconstructor(epochs=2, noise=0.0).fit(_images(12)).state_dict()
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "state")), nprocs=2, join=True)
+    for rank in range(2):
+        state = load_tensors(tmp_path / f"state.{rank}")
+        for name, value in single.items():
+            # the same steps up to the order of floating-point sums
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(torch.equal(load_tensors(tmp_path / "state.0")[k], load_tensors(tmp_path / "state.1")[k])
+               for k in single)  # the processes stay in lockstep
+
+
+@pytest.mark.slow
+def test_cli_fit_killed_mid_training_and_resumed_gives_identical_weights(tmp_path):
+    """The bar: a 200-image category, a fit killed mid-training (SIGKILL), resumed with --resume."""
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        Image.fromarray(rng.integers(90, 170, (32, 32, 3), dtype=np.uint8)).save(good / f"{i:03d}.png")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(bad / f"{i:03d}.png")
+    args = ["--model", "reverse_distillation", "--preset", "tiny", "--param", "epochs=6", "--format", "folder",
+            "--data", str(good), "--abnormal-dir", str(bad), "--image-size", "32", "--threads", "1",
+            "--calibration-fraction", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "metaad.cli.main", "fit", *args]
+    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True, env=env)
+    killed = subprocess.Popen([*command, "--out", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "training" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert log.is_file() and 2 <= len(log.read_text().splitlines()) < 6, "the kill must land mid-training"
+    subprocess.run([*command, "--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True,
+                   env=env)
+    whole = load_tensors(Path(tmp_path / "whole" / "model" / "model.safetensors"))
+    resumed = load_tensors(Path(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for name, value in whole.items():
+        assert torch.equal(resumed[name], value), name

@@ -96,3 +96,16 @@ def test_registry_imports_nothing_heavy():
     code = "import sys, metaad.models, metaad.cli.main as m; m.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_saved_models_of_another_metaad_fail_saying_how_to_refit(tmp_path):
+    from metaad.io import write_json
+
+    write_json(tmp_path / "a" / "model.json", {"model": "differnet", "params": {}})
+    with pytest.raises(ValueError, match=r"not in this metaad.*Refit with 'metaad fit'"):
+        load_model(tmp_path / "a")
+    write_json(tmp_path / "b" / "model.json", {"model": "patchcore", "params": {"anomaly_knob": 3}})
+    with pytest.raises(ValueError, match=r"cannot rebuild 'patchcore'.*Refit"):
+        load_model(tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="no saved model here"):
+        load_model(tmp_path / "c")

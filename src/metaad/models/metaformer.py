@@ -131,8 +131,10 @@ class PriorTransformer(nn.Module):
         source = self.embed_prior(F.unfold(prior_map, self.patch, stride=self.patch).transpose(1, 2))
         target = self.embed_reconstruction(F.unfold(reconstruction, self.patch, stride=self.patch).transpose(1, 2))
         tokens = self.transformer(source + self.position_prior, target + self.position_reconstruction)
-        patches = self.head(tokens).transpose(1, 2)
-        return torch.sigmoid(F.fold(patches, size, self.patch, stride=self.patch))
+        patches = self.head(tokens)  # (B, L, p²): F.fold without overlap is a reshape (and exports to ONNX)
+        b, p = patches.shape[0], self.patch
+        grid = patches.view(b, size[0] // p, size[1] // p, p, p).permute(0, 1, 3, 2, 4)
+        return torch.sigmoid(grid.reshape(b, 1, size[0], size[1]))
 
 
 class CenterBiasPrior(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from metaad.models import MODELS, REGISTRY
@@ -14,43 +15,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fit", help="fit a model on defect-free images, then evaluate it and write a run folder"
     )
     _add_model_args(fit)
-    _add_data_args(fit)
+    _add_data_args(fit, data_help="data root (MVTec layout, Magnetic Tile Defects, or a folder of good images)")
     fit.add_argument("--out", required=True, help="run folder to write")
+    fit.add_argument(
+        "--config", default=None, metavar="RUN/config.json",
+        help="refit as a run's config.json says (model, parameters, data, sizes); flags given override it",
+    )
+    fit.add_argument(
+        "--overwrite", action="store_true", help="replace the run folder --out when it exists and is not empty"
+    )
     fit.add_argument("--shots", type=int, default=None, help="k-shot protocol: fit on k defect-free images")
     fit.add_argument(
         "--calibration-fraction",
         type=float,
-        default=0.1,
-        help="share of defect-free training images held out to set the decision threshold",
+        default=None,
+        help=f"share of defect-free training images held out to set the decision threshold "
+        f"(default {FIT_DEFAULTS['calibration_fraction']})",
     )
     fit.add_argument(
         "--false-alarm-rate",
         type=float,
-        default=0.01,
-        help="threshold = this upper quantile of held-out defect-free scores",
+        default=None,
+        help="threshold = this upper quantile of held-out defect-free scores "
+        f"(default {FIT_DEFAULTS['false_alarm_rate']})",
     )
     fit.add_argument(
         "--resume", action="store_true", help="continue an interrupted fit from RUN/training (trained methods)"
     )
+    _add_output_args(fit)
     fit.set_defaults(handler=run_fit)
 
-    test = subparsers.add_parser("test", help="evaluate a fitted run on a test split")
+    test = subparsers.add_parser(
+        "test", help="evaluate a fitted run on a labelled test split and write a report folder"
+    )
     test.add_argument("--run", required=True, help="run folder written by 'metaad fit'")
-    _add_data_args(test)
+    _add_data_args(test, data_help="data root (default: the data the run was fitted on, from RUN/config.json)")
     test.add_argument("--out", default=None, help="report folder (default: RUN/test)")
+    _add_output_args(test)
     test.set_defaults(handler=run_test)
 
     predict = subparsers.add_parser(
-        "predict", help="score images: per-image score, decision, heat map, overlay, CSV"
+        "predict", help="score images: per-image score, decision, heat map, mask, overlay, CSV"
     )
     predict.add_argument("--run", required=True, help="run folder written by 'metaad fit'")
-    predict.add_argument("inputs", nargs="+", help="image files or folders of images (searched recursively)")
-    predict.add_argument("--out", required=True, help="folder for predictions.csv, heatmaps/ and overlays/")
+    predict.add_argument(
+        "inputs", nargs="+",
+        help="image files or folders of images (searched recursively; masks beside their images are left out)",
+    )
+    predict.add_argument("--out", required=True, help="folder for predictions.csv, heatmaps/, masks/ and overlays/")
     predict.add_argument(
         "--threshold", type=float, default=None, help="override the run's calibrated threshold"
     )
-    predict.add_argument("--image-size", type=int, default=None)
+    predict.add_argument("--image-size", type=int, default=None, help="side the model sees (default: the run's)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument(
+        "--tile", type=int, default=None, metavar="SIZE",
+        help="split each image into overlapping SIZE x SIZE tiles (pixels), each seen at the run's size, and "
+        "blend their maps; the image score is the highest tile score (for high-resolution images)",
+    )
+    predict.add_argument(
+        "--tile-overlap", type=float, default=0.25, metavar="F", help="share of a tile its neighbours overlap"
+    )
     predict.add_argument("--threads", type=int, default=None)
+    _add_output_args(predict)
     predict.set_defaults(handler=run_predict)
 
     bench = subparsers.add_parser("benchmark", help="fit and evaluate several models on one data set")
@@ -68,14 +95,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", default="runs/demo", help="folder for the data set and the run")
     demo.add_argument("--category", default=None, help="synthetic category (default: the first)")
-    demo.add_argument("--preset", default="cpu")
+    demo.add_argument("--preset", default="cpu", help="PatchCore preset (default: cpu, for a CPU)")
     demo.add_argument("--threads", type=int, default=None)
     demo.set_defaults(handler=run_demo, command="demo")
 
 
+FIT_DEFAULTS = {
+    "model": "patchcore",
+    "format": "auto",
+    "seed": 0,
+    "batch_size": 16,
+    "calibration_fraction": 0.1,
+    "false_alarm_rate": 0.01,
+    "skip_bad_files": False,
+}
+"""Defaults of the flags that ``fit --config`` (and ``test``, from the run) can fill in: their parser default
+is None, meaning 'not given'."""
+
+RUN_FILES = ("config.json", "threshold.json", "metrics.json", "roc.png", "pro.png", "scores.csv")
+RUN_FOLDERS = ("model", "training", "worst", "test")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="patchcore", choices=sorted(MODELS), metavar="MODEL",
+        "--model", default=None, choices=sorted(MODELS), metavar="MODEL",
         help=f"method to fit: {', '.join(sorted(MODELS))} (default: patchcore; see 'metaad models')",
     )
     parser.add_argument(
@@ -95,32 +138,60 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
+def _add_data_args(
+    parser: argparse.ArgumentParser, data_help: str = "data root (MVTec layout, Magnetic Tile Defects, or a folder)"
+) -> None:
+    parser.add_argument("--data", default=None, help=data_help)
     parser.add_argument(
-        "--data", required=True, help="data root (MVTec layout, Magnetic Tile Defects, or a folder)"
+        "--format", default=None, choices=["auto", "mvtec", "mtd", "folder"], help="data layout (default: auto)"
     )
-    parser.add_argument("--format", default="auto", choices=["auto", "mvtec", "mtd", "folder"])
     parser.add_argument("--category", default=None, help="category folder of an MVTec-layout root")
     parser.add_argument("--abnormal-dir", default=None, help="folder format: defective images")
     parser.add_argument("--mask-dir", default=None, help="folder format: masks of the defective images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data splits (MTD's 20%% test split)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of data splits (MTD's 20%% test split; default 0)")
     parser.add_argument(
         "--image-size", type=int, default=None,
         help="side images are resized to (default: 256, or the model's larger working size; for test, the run's)",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 16)")
     parser.add_argument(
         "--skip-bad-files",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="skip unreadable images and bad masks with a warning instead of stopping",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
-def _data_spec(args: argparse.Namespace):
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars and no report on stdout")
+
+
+def _setting(args: argparse.Namespace, name: str, recorded: dict):
+    """A flag's value: as given, else as ``recorded`` (a run's config.json), else its default."""
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    return recorded[name] if recorded.get(name) is not None else FIT_DEFAULTS.get(name)
+
+
+def _data_spec(args: argparse.Namespace, recorded: dict | None = None):
+    """Where the data is: the data flags, else ``recorded`` (the ``data`` of a run's config.json)."""
     from metaad.engine.run import DataSpec
 
-    return DataSpec(args.data, args.format, args.category, args.abnormal_dir, args.mask_dir, args.seed)
+    recorded = recorded or {}
+    root = args.data if args.data is not None else recorded.get("root")
+    if root is None:
+        raise ValueError(f"'metaad {args.command}' needs --data (the folder of images to use)")
+    return DataSpec(
+        root,
+        _setting(args, "format", recorded),
+        args.category if args.category is not None else recorded.get("category"),
+        args.abnormal_dir if args.abnormal_dir is not None else recorded.get("abnormal_dir"),
+        args.mask_dir if args.mask_dir is not None else recorded.get("mask_dir"),
+        _setting(args, "seed", recorded),
+    )
 
 
 def _model_params(args: argparse.Namespace) -> dict:
@@ -138,24 +209,77 @@ def _model_params(args: argparse.Namespace) -> dict:
     return params
 
 
+def _read_run_config(path: str) -> dict:
+    from metaad.io import read_json
+
+    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    config = read_json(config_path)
+    if not isinstance(config, dict) or "model" not in config or "data" not in config:
+        raise ValueError(f"{config_path}: not a run's config.json (expected the keys 'model' and 'data')")
+    return config
+
+
+def _check_out_folder(out: Path, what: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, but {what} is a folder; choose another path")
+
+
+def _prepare_run_folder(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a non-empty folder unless ``--overwrite`` (which clears a run's files first)
+    or ``--resume``."""
+    import shutil
+
+    _check_out_folder(out, "a run")
+    if not out.is_dir() or not any(out.iterdir()) or resume:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--out {out}: folder exists and is not empty (an earlier run?); pass --overwrite to replace it, "
+            "--resume to continue an interrupted fit there, or choose another --out"
+        )
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def run_fit(args: argparse.Namespace) -> int:
     from metaad.engine.run import fit_and_evaluate
     from metaad.models import create_model
 
-    model = create_model(args.model, args.preset, **_model_params(args))
+    recorded = _read_run_config(args.config) if args.config else {}
+    name = args.model or recorded.get("model") or FIT_DEFAULTS["model"]
+    params = _model_params(args)
+    as_recorded = name == recorded.get("model") and args.preset is None
+    preset = args.preset if args.preset is not None else (recorded.get("preset") if as_recorded else None)
+    if as_recorded:  # the recorded parameters already include the preset's; --param overrides them
+        params = {**recorded.get("params", {}), **params}
+    image_size = args.image_size
+    if image_size is None and as_recorded and not args.param:
+        image_size = recorded.get("image_size")
+    data = _data_spec(args, recorded.get("data"))
+    out = Path(args.out)
+    _prepare_run_folder(out, args.overwrite, args.resume)
+    model = create_model(name, preset, **params)
+    progress = not (args.quiet or args.no_progress)
     metrics = fit_and_evaluate(
         model,
-        _data_spec(args),
-        args.out,
-        image_size=args.image_size,
-        shots=args.shots,
-        calibration_fraction=args.calibration_fraction,
-        false_alarm_rate=args.false_alarm_rate,
-        batch_size=args.batch_size,
-        on_error="skip" if args.skip_bad_files else "raise",
+        data,
+        out,
+        image_size=image_size,
+        shots=args.shots if args.shots is not None else recorded.get("shots"),
+        calibration_fraction=_setting(args, "calibration_fraction", recorded),
+        false_alarm_rate=_setting(args, "false_alarm_rate", recorded),
+        batch_size=_setting(args, "batch_size", recorded),
+        on_error="skip" if _setting(args, "skip_bad_files", recorded) else "raise",
+        progress=progress,
         resume=args.resume,
+        preset=preset,
     )
-    _print_metrics(metrics, Path(args.out))
+    if not args.quiet:
+        _print_evaluation(metrics, out, "run folder")
+        print(f"next: metaad predict --run {out} IMAGES_OR_FOLDERS --out PREDICTIONS_FOLDER")
     return 0
 
 
@@ -173,28 +297,75 @@ def run_test(args: argparse.Namespace) -> int:
     from metaad.engine.checkpoint import load_model
     from metaad.engine.evaluation import compute_metrics, predict_dataset
     from metaad.engine.report import write_report
-    from metaad.engine.run import read_threshold, run_image_size
+    from metaad.engine.run import read_config, read_thresholds, run_image_size
 
+    recorded = read_config(args.run)
+    out = Path(args.out) if args.out else Path(args.run) / "test"
+    _check_out_folder(out, "a report")
     model = load_model(args.run)
+    skip = _setting(args, "skip_bad_files", recorded)
     dataset = AnomalyDataset(
-        _data_spec(args).records("test"), run_image_size(args.run, args.image_size),
-        "skip" if args.skip_bad_files else "raise",
+        _data_spec(args, recorded.get("data")).records("test"), run_image_size(args.run, args.image_size),
+        "skip" if skip else "raise",
     )
-    predictions = predict_dataset(model, dataset, args.batch_size)
+    progress = not (args.quiet or args.no_progress)
+    predictions = predict_dataset(model, dataset, args.batch_size or FIT_DEFAULTS["batch_size"], progress)
     metrics = compute_metrics(predictions)
     metrics["ms_per_image"] = predictions.ms_per_image
-    out = Path(args.out) if args.out else Path(args.run) / "test"
-    write_report(out, predictions, metrics, read_threshold(args.run))
-    _print_metrics(metrics, out)
+    thresholds = read_thresholds(args.run)
+    threshold = thresholds.get("threshold")
+    if threshold is not None:
+        decided = predictions.scores > threshold
+        metrics["accuracy_at_threshold"] = float((decided == (predictions.labels == 1)).mean())
+        if "evaluation_skipped" in metrics and not predictions.labels.any():
+            metrics["false_alarms_at_threshold"] = int(decided.sum())
+            metrics["n_test_images"] = len(decided)
+    write_report(out, predictions, metrics, threshold, pixel_threshold=thresholds.get("pixel_threshold"))
+    if not args.quiet:
+        _print_evaluation(metrics, out, "report folder")
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from metaad.engine.predict import predict_images
 
-    files = _expand_inputs(args.inputs)
-    predict_images(args.run, files, Path(args.out), args.threshold, args.image_size)
+    out = Path(args.out)
+    _check_out_folder(out, "the predictions' output")
+    files, masks = _expand_inputs(args.inputs)
+    quiet = args.quiet
+    if masks and not quiet:
+        print(
+            f"left out {len(masks)} mask file(s) beside their images (NAME.png beside NAME.jpg, NAME_mask.*), "
+            f"e.g. {masks[0]}"
+        )
+    summary = predict_images(
+        args.run, files, out, args.threshold, args.image_size, args.batch_size, args.tile, args.tile_overlap,
+        progress=not (quiet or args.no_progress),
+    )
+    for path, error in summary.errors:
+        print(f"metaad predict: could not score {error if str(path) in error else f'{path}: {error}'}", file=sys.stderr)
+    if summary.n_scored == 0:
+        print(f"metaad predict: error: none of the {summary.n_images} images could be scored", file=sys.stderr)
+        return 2
+    if not quiet:
+        _print_predict_summary(summary)
     return 0
+
+
+def _print_predict_summary(summary) -> None:
+    if summary.threshold is None:
+        decided = "no threshold in the run (fitted without held-out images): scores only"
+    else:
+        decided = (
+            f"{summary.n_anomalous} anomalous, {summary.n_scored - summary.n_anomalous} good "
+            f"at threshold {summary.threshold:.4g}"
+        )
+    print(f"scored {summary.n_scored} of {summary.n_images} images: {decided}")
+    if summary.errors:
+        print(f"{len(summary.errors)} image(s) could not be read: see the 'error' column of the CSV")
+    print(f"predictions: {summary.csv}")
+    for name, folder in summary.folders.items():
+        print(f"{name + ':':>12} {folder}/")
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -210,9 +381,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
             _data_spec(args),
             Path(args.out) / name,
             image_size=args.image_size,
-            batch_size=args.batch_size,
+            batch_size=_setting(args, "batch_size", {}),
             calibration_fraction=0.0,
             on_error="skip" if args.skip_bad_files else "raise",
+            preset=args.preset,
         )
     write_json(Path(args.out) / "benchmark.json", results)
     columns = ["image_auroc", "pixel_auroc", "pro", "fit_seconds", "ms_per_image", "peak_rss_mb"]
@@ -234,20 +406,27 @@ def run_demo(args: argparse.Namespace) -> int:
     if not (root / category).is_dir():
         print(f"writing the synthetic data set '{category}' to {root}")
         make_synthetic_dataset(root, categories=[category])
+    if args.preset == "cpu":
+        print("fitting PatchCore with its CPU preset (--preset cpu; --preset paper for the paper's settings)")
     model = create_model("patchcore", args.preset)
-    metrics = fit_and_evaluate(model, DataSpec(str(root), "mvtec", category), out / "run")
-    _print_metrics(metrics, out / "run")
+    metrics = fit_and_evaluate(model, DataSpec(str(root), "mvtec", category), out / "run", preset=args.preset)
+    _print_evaluation(metrics, out / "run", "run folder")
     return 0
 
 
-def _expand_inputs(inputs: list[str]):
-    from metaad.data.datasets import IMAGE_EXTENSIONS, ImageRecord, list_images
+def _expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """(images, masks left out): the named files, and the images below the named folders except the masks
+    of other images beside them (see :func:`metaad.data.datasets.split_off_masks`)."""
+    from metaad.data.datasets import IMAGE_EXTENSIONS, list_images, split_off_masks
 
     files: list[Path] = []
+    masks: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():  # every image below it, sub-folders included (e.g. an MVTec test/ folder)
-            files += list_images(path, recursive=True)
+            images, left_out = split_off_masks(list_images(path, recursive=True))
+            files += images
+            masks += left_out
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
@@ -256,17 +435,40 @@ def _expand_inputs(inputs: list[str]):
             raise FileNotFoundError(f"{path}: no such file or folder")
     if not files:
         raise ValueError(f"no images found in {', '.join(inputs)}")
-    return [ImageRecord(p, 0) for p in files]
+    return files, masks
 
 
-def _print_metrics(metrics: dict, out: Path | None, prefix: str = "") -> None:
+def _print_evaluation(metrics: dict, out: Path, folder_kind: str) -> None:
+    """The metrics, first saying what could not be evaluated and why."""
+    shown = dict(metrics)
+    skipped = shown.pop("evaluation_skipped", None)
+    if skipped:
+        print(f"no evaluation: {skipped}.")
+        print(
+            "  To evaluate, give defective images too: --abnormal-dir BAD_DIR [--mask-dir MASKS] "
+            "(folder format) or an MVTec-layout test/ folder, e.g. with 'metaad test'."
+        )
+        if "false_alarms_at_threshold" in shown:
+            print(
+                f"  The threshold flags {shown.pop('false_alarms_at_threshold')} of "
+                f"{shown.pop('n_test_images')} defect-free images."
+            )
+        elif folder_kind == "run folder":
+            print("  The held-out defect-free images set the decision threshold (see threshold.json).")
+    pixel_skipped = shown.pop("pixel_metrics_skipped", None)
+    if pixel_skipped:
+        print(f"pixel metrics skipped: {pixel_skipped}.")
+    _print_metrics(shown, out, folder_kind)
+
+
+def _print_metrics(metrics: dict, out: Path | None, folder_kind: str = "run folder", prefix: str = "") -> None:
     for key, value in metrics.items():
         if isinstance(value, dict):
-            _print_metrics(value, None, f"{prefix}{key}.")
+            _print_metrics(value, None, folder_kind, f"{prefix}{key}.")
         else:
             print(f"{prefix + key:>32}: {_fmt(value)}")
     if out is not None:
-        print(f"run folder: {out}")
+        print(f"{folder_kind}: {out}")
 
 
 def _fmt(value) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +27,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metaad.engine.run import set_threads
 
     set_threads(getattr(args, "threads", None))
-    try:
-        return int(args.handler(args) or 0)
-    except (FileNotFoundError, ValueError) as error:  # metaad's DataError is a ValueError
-        print(f"metaad {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.handler(args) or 0)
+        except (OSError, ValueError) as error:  # metaad's DataError is a ValueError
+            print(f"metaad {args.command}: error: {error}", file=sys.stderr)
+            return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """metaad's own warnings (about the user's data) as one line on stderr; others as Python shows them."""
+    if category.__module__.startswith("metaad"):
+        print(f"metaad: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Anomaly-detection data sets: MVTec AD layout, Magnetic Tile Defects, and plain folders.
 
 Every reader produces :class:`ImageRecord` lists; :class:`AnomalyDataset` turns records into samples
-``{"image": (3,H,W) ImageNet-normalised, "mask": (1,H,W) {0,1}, "label": 0|1, "defect": str, "path": str}``.
+``{"image": (3,H,W) RGB in [0, 1], "mask": (1,H,W) {0,1}, "has_mask": bool, "label": 0|1, "defect": str,
+"path": str}``; ``has_mask`` is False for a defective image whose mask is unknown (image labels only).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ GOOD = "good"
 
 class DataError(ValueError):
     """A data set file or folder is missing, unreadable or inconsistent; the message names it."""
+
+
+class DataWarning(UserWarning):
+    """Something in the data was left out or cannot be used; the command line prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,24 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         raise DataError(f"{folder}: folder not found (expected a folder of images)")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def split_off_masks(images: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(images, masks): leave out the files that are masks of other images in the same folder.
+
+    A mask is ``NAME_mask.*`` beside an image ``NAME.*``, or ``NAME.png`` beside a photograph ``NAME.jpg``
+    (or another non-PNG image), as in Magnetic Tile Defects' ``Imgs`` folders. Order is kept.
+    """
+    stems: dict[Path, dict[str, set[str]]] = {}
+    for path in images:
+        stems.setdefault(path.parent, {}).setdefault(path.stem, set()).add(path.suffix.lower())
+    kept, masks = [], []
+    for path in images:
+        siblings = stems[path.parent]
+        beside_photo = path.suffix.lower() == ".png" and bool(siblings[path.stem] - {".png"})
+        mask_named = path.stem.endswith("_mask") and path.stem.removesuffix("_mask") in siblings
+        (masks if beside_photo or mask_named else kept).append(path)
+    return kept, masks
 
 
 def _require_images(folder: Path) -> list[Path]:
@@ -88,7 +111,9 @@ def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageReco
     """Records of ``<root>/<category>/{train,test}`` in MVTec AD layout.
 
     ``train/good/*`` are the training images; ``test/<defect>/*`` the test images, each defective one with
-    its mask ``ground_truth/<defect>/<stem>_mask.<ext>`` (any image extension).
+    its mask ``ground_truth/<defect>/<stem>_mask.<ext>`` (any image extension). A category without a
+    ``ground_truth`` folder has image labels only: its defective records have no mask (pixel metrics are then
+    skipped); when the folder exists, every defective image needs its mask.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -102,10 +127,14 @@ def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageReco
     if not test_dir.is_dir():
         raise DataError(f"{test_dir}: test folder not found (expected test/good and test/<defect> folders)")
     records: list[ImageRecord] = []
+    labels_only = not (base / "ground_truth").is_dir()
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         images = list_images(defect_dir)
         if defect_dir.name == GOOD:
             records += [ImageRecord(p, 0) for p in images]
+            continue
+        if labels_only:
+            records += [ImageRecord(p, 1, defect_dir.name) for p in images]
             continue
         mask_dir = base / "ground_truth" / defect_dir.name
         for image in images:
@@ -113,7 +142,7 @@ def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageReco
             if mask is None:
                 raise DataError(
                     f"{image}: defective test image has no mask; expected {mask_dir / (image.stem + '_mask.png')} "
-                    "(any image extension)"
+                    "(any image extension; without a ground_truth folder at all, only image metrics are computed)"
                 )
             records.append(ImageRecord(image, 1, defect_dir.name, mask))
     if not records:
@@ -230,6 +259,7 @@ class AnomalyDataset(Dataset):
                 warnings.warn(
                     f"skipped {len(self.skipped)} of {len(records)} images that could not be used "
                     f"(first: {self.skipped[0][1]})",
+                    DataWarning,
                     stacklevel=2,
                 )
             if not kept:
@@ -249,6 +279,7 @@ class AnomalyDataset(Dataset):
         return {
             "image": image,
             "mask": mask,
+            "has_mask": record.label == 0 or record.mask_path is not None,
             "label": record.label,
             "defect": record.defect,
             "path": str(record.path),
@@ -272,6 +303,11 @@ class AnomalyDataset(Dataset):
                 )
             mask = mask_to_tensor(pil_mask, self.image_size)
         return image, mask
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode an image file fully (a palette image becomes RGB); :class:`DataError` names a bad file."""
+    return _open_image(Path(path))
 
 
 def _open_image(path: Path) -> Image.Image:

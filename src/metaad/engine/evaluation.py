@@ -25,15 +25,18 @@ class Predictions:
     masks: np.ndarray  # (N, H, W) uint8
     ms_per_image: float  # the model alone
     ms_per_image_end_to_end: float  # with image decoding and preprocessing
+    has_masks: np.ndarray | None = None  # (N,) bool: False for a defective image whose mask is unknown
 
 
-def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16, progress: bool = True) -> Predictions:
+def predict_dataset(
+    model: nn.Module, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict"
+) -> Predictions:
     """Predict every sample of ``dataset``, timing the model alone and the whole loop (with decoding)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    paths, labels, defects, scores, maps, masks = [], [], [], [], [], []
+    paths, labels, defects, scores, maps, masks, has_masks = [], [], [], [], [], [], []
     seconds = 0.0
     start = time.perf_counter()
-    for batch in tqdm(loader, desc="predict", disable=not progress, unit="batch"):
+    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
         tic = time.perf_counter()
         prediction = model.predict(batch["image"])
         seconds += time.perf_counter() - tic
@@ -43,6 +46,7 @@ def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16, pr
         scores.append(prediction.scores.float().numpy())
         maps.append(prediction.maps.float().numpy())
         masks.append((batch["mask"][:, 0] > 0.5).numpy().astype(np.uint8))
+        has_masks.append(np.asarray(batch.get("has_mask", [True] * len(batch["path"])), bool))
     n = len(paths)
     total = time.perf_counter() - start
     return Predictions(
@@ -54,15 +58,45 @@ def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16, pr
         np.concatenate(masks),
         1000.0 * seconds / max(n, 1),
         1000.0 * total / max(n, 1),
+        np.concatenate(has_masks),
     )
 
 
-def compute_metrics(predictions: Predictions) -> dict[str, float]:
-    """Image AUROC and F1-max; pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max where masks exist."""
-    has_masks = bool(predictions.masks.any())
-    return evaluate(
-        predictions.labels,
+def compute_metrics(predictions: Predictions) -> dict:
+    """Image AUROC and F1-max; pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max where masks exist.
+
+    What cannot be computed is said, not raised: with one class of images only, ``evaluation_skipped`` gives
+    the reason and no metric is computed; when a defective image has no mask, ``pixel_metrics_skipped`` does.
+    """
+    labels = np.asarray(predictions.labels)
+    n_good, n_defective = int(np.sum(labels == 0)), int(np.sum(labels == 1))
+    if n_good == 0 or n_defective == 0:
+        only = "defect-free" if n_defective == 0 else "defective"
+        return {
+            "evaluation_skipped": f"the test split holds {only} images only ({len(labels)}); image AUROC, "
+            "F1-max and the pixel metrics need both defect-free and defective images",
+        }
+    skipped = pixel_metrics_skipped(predictions)
+    result = evaluate(
+        labels,
         predictions.scores,
-        masks=predictions.masks if has_masks else None,
-        maps=predictions.maps if has_masks else None,
+        masks=None if skipped else predictions.masks,
+        maps=None if skipped else predictions.maps,
     )
+    if skipped:
+        result["pixel_metrics_skipped"] = skipped
+    return result
+
+
+def pixel_metrics_skipped(predictions: Predictions) -> str | None:
+    """Why pixel metrics cannot be computed for ``predictions``, or None when they can."""
+    defective = np.asarray(predictions.labels) == 1
+    if predictions.has_masks is not None and not np.all(predictions.has_masks[defective]):
+        missing = int(np.sum(~predictions.has_masks[defective]))
+        return (
+            f"{missing} of {int(defective.sum())} defective test images have no ground-truth mask "
+            "(image labels only, e.g. no ground_truth folder or no --mask-dir)"
+        )
+    if not predictions.masks.any():
+        return "no ground-truth mask marks a defect pixel"
+    return None

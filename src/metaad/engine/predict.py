@@ -1,73 +1,129 @@
-"""Score new images with a fitted run: per-image score and decision, heat maps, overlays and a CSV."""
+"""Score new images with a fitted run: per-image score and decision, heat maps, masks, overlays and a CSV.
+
+One unreadable image does not stop the others: it gets a row with its ``error`` in ``predictions.csv``.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from metaad.data.datasets import AnomalyDataset, ImageRecord
-from metaad.engine.checkpoint import load_model
-from metaad.engine.report import save_overlay
-from metaad.engine.run import read_threshold, run_image_size
+from metaad.engine.inference import ImageResult, Run, to_pil
+from metaad.engine.report import map_scale, save_overlay
 from metaad.io import atomic_write
+
+CSV_COLUMNS = ["path", "name", "score", "normalized_score", "decision", "threshold", "error"]
+
+
+@dataclass
+class PredictSummary:
+    """What ``predict_images`` did: counts, and where it wrote."""
+
+    n_images: int = 0
+    n_scored: int = 0
+    n_anomalous: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    threshold: float | None = None
+    csv: Path | None = None
+    folders: dict[str, Path] = field(default_factory=dict)
 
 
 def predict_images(
-    run: str | Path,
-    records: list[ImageRecord],
+    run: str | Path | Run,
+    paths: list[Path],
     out: Path,
     threshold: float | None = None,
     image_size: int | None = None,
     batch_size: int = 16,
-) -> list[dict]:
-    """Write ``predictions.csv`` (path, name, score, decision, threshold), ``heatmaps/NAME.png`` (16-bit,
-    scaled to the run's score range) and ``overlays/NAME.png`` for every image; returns the rows of the CSV."""
-    model = load_model(run)
-    if threshold is None:
-        threshold = read_threshold(run)
-    dataset = AnomalyDataset(records, run_image_size(run, image_size))
-    rows, scale = [], None
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="predict", unit="batch"):
-        prediction = model.predict(batch["image"])
-        maps = prediction.maps.float().numpy()
-        if scale is None:  # one fixed colour scale for all images of this call
-            high = threshold if threshold is not None else float(np.percentile(maps, 99.9))
-            scale = (float(maps.min()), max(high * 1.5, float(maps.min()) + 1e-6))
-        for path, score, anomaly_map in zip(batch["path"], prediction.scores.tolist(), maps, strict=True):
-            stem = _unique_stem(Path(path), rows)
-            decision = "" if threshold is None else ("anomalous" if score > threshold else "good")
-            _save_heatmap(out / "heatmaps" / f"{stem}.png", anomaly_map, scale)
-            image = np.asarray(Image.open(path).convert("RGB"))
-            save_overlay(
-                out / "overlays" / f"{stem}.png",
-                image,
-                anomaly_map,
-                scale,
-                title=f"score {score:.3f} {decision}",
-            )
-            rows.append({"path": path, "name": stem, "score": score, "decision": decision})
+    tile: int | None = None,
+    tile_overlap: float = 0.25,
+    progress: bool = True,
+) -> PredictSummary:
+    """Write ``predictions.csv`` (one row per image: score, normalised score with the threshold at 0.5,
+    decision, or the error that kept it from being scored), ``heatmaps/NAME.png`` (16-bit, one colour scale
+    for all, see :func:`~metaad.engine.report.map_scale`), ``masks/NAME.png`` (predicted defect pixels, when
+    the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size."""
+    out = Path(out)
+    if not isinstance(run, Run):
+        run = Run(run, threshold, image_size)
+    summary = PredictSummary(threshold=run.threshold, csv=out / "predictions.csv")
+    rows: list[dict] = []
+    names: set[str] = set()
+    scale = None
+    if run.pixel_threshold is not None and "map_low" in run.thresholds:
+        scale = map_scale(np.array([run.thresholds["map_low"]]), run.pixel_threshold)
+    results = run.iter_predict(paths, tile, tile_overlap, batch_size, on_error="report")
+    for result in tqdm(results, total=len(paths), desc="predict", unit="image", disable=not progress):
+        stem = _unique_stem(Path(result.source), names)
+        names.add(stem)
+        summary.n_images += 1
+        rows.append(_row(result, stem, run.threshold))
+        if result.error is not None:
+            summary.errors.append((result.source, result.error))
+            continue
+        summary.n_scored += 1
+        summary.n_anomalous += bool(result.anomalous)
+        if scale is None:  # a run without a pixel threshold: the first image's map sets the scale
+            scale = map_scale(result.map)
+        _save_outputs(out, stem, result, scale, run, summary)
+    _write_csv(out / "predictions.csv", rows, run.threshold)
+    return summary
+
+
+def _save_outputs(
+    out: Path, stem: str, result: ImageResult, scale: tuple[float, float], run: Run, summary: PredictSummary
+) -> None:
+    summary.folders["heatmaps"] = out / "heatmaps"
+    _save_heatmap(out / "heatmaps" / f"{stem}.png", result.map, scale)
+    if result.mask is not None:
+        summary.folders["masks"] = out / "masks"
+        mask = Image.fromarray(result.mask.astype(np.uint8) * 255)
+        atomic_write(out / "masks" / f"{stem}.png", lambda tmp: mask.save(tmp, format="PNG"))
+    decision = "" if result.anomalous is None else (" anomalous" if result.anomalous else " good")
+    threshold = "" if run.threshold is None else f" (threshold {run.threshold:.3g})"
+    summary.folders["overlays"] = out / "overlays"
+    save_overlay(
+        out / "overlays" / f"{stem}.png",
+        np.asarray(to_pil(result.source).convert("RGB")),
+        result.map,
+        scale,
+        title=f"{Path(result.source).name}: score {result.score:.3g}{threshold}{decision}",
+        predicted=result.mask,
+        pixel_threshold=run.pixel_threshold,
+    )
+
+
+def _row(result: ImageResult, stem: str, threshold: float | None) -> dict:
+    decision = "" if result.anomalous is None else ("anomalous" if result.anomalous else "good")
+    return {
+        "path": result.source,
+        "name": stem,
+        "score": "" if result.error else f"{result.score:.6g}",
+        "normalized_score": "" if result.normalized_score is None else f"{result.normalized_score:.4f}",
+        "decision": "error" if result.error else decision,
+        "threshold": "" if threshold is None else f"{threshold:.6g}",
+        "error": result.error or "",
+    }
+
+
+def _write_csv(path: Path, rows: list[dict], threshold: float | None) -> None:
     table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")  # quotes paths that contain commas
-    writer.writerow(["path", "name", "score", "decision", "threshold"])
-    for r in rows:
-        writer.writerow(
-            [r["path"], r["name"], f"{r['score']:.6g}", r["decision"], "" if threshold is None else f"{threshold:.6g}"]
-        )
+    writer = csv.DictWriter(table, CSV_COLUMNS, lineterminator="\n")  # quotes paths that contain commas
+    writer.writeheader()
+    writer.writerows(rows)
     text = table.getvalue()
-    atomic_write(out / "predictions.csv", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return rows
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _unique_stem(path: Path, rows: list[dict]) -> str:
+def _unique_stem(path: Path, taken: set[str]) -> str:
     """The output name of an image: its stem, or ``<folder>_<stem>`` when another image had that stem (as the
     same file names in an MVTec ``test/<defect>/`` folder do), then numbered."""
-    taken = {r["name"] for r in rows}
     base = path.stem if path.stem not in taken else f"{path.parent.name}_{path.stem}"
     stem, n = base, 1
     while stem in taken:

@@ -19,11 +19,13 @@ from metaad.metrics import pro_curve, roc_curve
 def write_report(
     folder: str | Path,
     predictions: Predictions,
-    metrics: dict[str, float],
+    metrics: dict,
     threshold: float | None,
     n_worst: int = 8,
+    pixel_threshold: float | None = None,
 ) -> Path:
-    """Write ``metrics.json``, ``roc.png``, ``pro.png`` (when masks exist), ``scores.csv`` and ``worst/``."""
+    """Write ``metrics.json``, ``roc.png`` (both classes present), ``pro.png`` (when pixel metrics were
+    computed), ``scores.csv`` and ``worst/`` (see :func:`write_worst_overlays`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(
@@ -31,6 +33,7 @@ def write_report(
         {
             **metrics,
             "threshold": threshold,
+            "pixel_threshold": pixel_threshold,
             "ms_per_image": predictions.ms_per_image,
             "n_images": len(predictions.paths),
         },
@@ -47,7 +50,7 @@ def write_report(
             f"Image ROC (AUROC {metrics.get('image_auroc', float('nan')):.3f})",
             diagonal=True,
         )
-    if predictions.masks.any():
+    if "pro" in metrics and predictions.masks.any():
         fpr, pro = pro_curve(predictions.masks, predictions.maps, fpr_limit=0.3)
         _plot_curve(
             folder / "pro.png",
@@ -57,34 +60,69 @@ def write_report(
             "per-region overlap",
             f"PRO curve, FPR <= 0.3 (AUPRO {metrics.get('pro', float('nan')):.3f})",
         )
-    write_worst_overlays(folder / "worst", predictions, n_worst)
+    write_worst_overlays(folder / "worst", predictions, n_worst, threshold, pixel_threshold)
     return folder
 
 
-def write_worst_overlays(folder: Path, predictions: Predictions, n_worst: int) -> None:
-    """Overlays of the images the model gets most wrong: lowest-scored defective, highest-scored good.
+OVERLAY_KINDS = ("missed_defect", "false_alarm", "detected_defect", "correct_good")
 
-    Overlays that an earlier report wrote into ``folder`` are removed first, so the folder shows this run only.
+
+def write_worst_overlays(
+    folder: Path,
+    predictions: Predictions,
+    n_worst: int,
+    threshold: float | None = None,
+    pixel_threshold: float | None = None,
+) -> None:
+    """Overlays of the lowest-scored defective images, the highest-scored good ones and (when there is room,
+    a quarter of ``n_worst``) the highest-scored defective ones, the model's clearest detections.
+
+    A file is named ``<rank>_<kind>_<defect>_<stem>.png``; the kind says what the decision at ``threshold``
+    was (``missed_defect``, ``detected_defect``, ``false_alarm``, ``correct_good``; without a threshold the
+    lowest-scored defective images count as missed and the highest-scored good ones as false alarms).
+    All overlays share one colour scale (see :func:`map_scale`). Overlays an earlier report wrote into
+    ``folder`` are removed first, so the folder shows this run only.
     """
-    for kind in ("missed_defect", "false_alarm"):
+    for kind in OVERLAY_KINDS:
         for old in folder.glob(f"[0-9][0-9]_{kind}_*.png"):
             old.unlink()
-    order = np.argsort(predictions.scores)
-    defective = [i for i in order if predictions.labels[i] == 1][: n_worst // 2]
-    good = [i for i in order[::-1] if predictions.labels[i] == 0][: n_worst - len(defective)]
-    vmin, vmax = np.percentile(predictions.maps, [1, 99.9])
-    for rank, index in enumerate(defective + good):
-        kind = "missed_defect" if predictions.labels[index] == 1 else "false_alarm"
-        name = f"{rank:02d}_{kind}_{Path(predictions.paths[index]).stem}.png"
-        image = np.asarray(Image.open(predictions.paths[index]).convert("RGB"))
+    order = np.argsort(predictions.scores, kind="stable")
+    labels = np.asarray(predictions.labels)
+    n_defective, n_good = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+    n_best = n_worst // 4 if n_defective > n_worst // 2 and n_good else 0
+    worst_defective = [i for i in order if labels[i] == 1][: (n_worst - n_best) // 2 if n_good else n_worst]
+    worst_good = [i for i in order[::-1] if labels[i] == 0][: n_worst - n_best - len(worst_defective)]
+    best_defective = [i for i in order[::-1] if labels[i] == 1 and i not in worst_defective][:n_best]
+    scale = map_scale(predictions.maps, pixel_threshold)
+    for rank, index in enumerate(worst_defective + worst_good + best_defective):
+        score, defective = float(predictions.scores[index]), labels[index] == 1
+        flagged = score > threshold if threshold is not None else not defective
+        kind = ("detected_defect" if flagged else "missed_defect") if defective else (
+            "false_alarm" if flagged else "correct_good"
+        )
+        defect = predictions.defects[index] if defective else "good"
+        name = f"{rank:02d}_{kind}_{_file_part(defect)}_{Path(predictions.paths[index]).stem}.png"
+        decision = "" if threshold is None else (" > " if flagged else " <= ") + f"threshold {threshold:.3g}"
+        anomaly_map = predictions.maps[index]
         save_overlay(
             folder / name,
-            image,
-            predictions.maps[index],
-            (vmin, vmax),
-            mask=predictions.masks[index],
-            title=f"score {predictions.scores[index]:.3f}",
+            np.asarray(Image.open(predictions.paths[index]).convert("RGB")),
+            anomaly_map,
+            scale,
+            mask=predictions.masks[index] if defective else None,
+            title=f"{defect}: score {score:.3g}{decision} ({kind.replace('_', ' ')})",
+            predicted=None if pixel_threshold is None else anomaly_map > pixel_threshold,
+            pixel_threshold=pixel_threshold,
         )
+
+
+def map_scale(maps: np.ndarray, pixel_threshold: float | None = None) -> tuple[float, float]:
+    """One colour scale for a set of anomaly maps: from their 1st percentile to twice the distance to the
+    pixel threshold, so the threshold is the middle of the colour bar (without one: 1st to 99.9th percentile)."""
+    low, high = (float(v) for v in np.percentile(maps, [1, 99.9]))
+    if pixel_threshold is not None and pixel_threshold > low:
+        high = low + 2 * (pixel_threshold - low)
+    return low, max(high, low + 1e-6)
 
 
 def save_overlay(
@@ -94,22 +132,40 @@ def save_overlay(
     value_range: tuple[float, float],
     mask: np.ndarray | None = None,
     title: str = "",
+    predicted: np.ndarray | None = None,
+    pixel_threshold: float | None = None,
 ) -> None:
-    """Image, heat map on top of it, and the ground-truth contour when given, side by side."""
+    """The image with its ground-truth outline (green) beside the heat map laid over it, with a colour bar
+    (the pixel threshold marked on it) and the predicted defect outline (white), at the map's size."""
     height, width = anomaly_map.shape
-    shown = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-    figure, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    shown = image if image.shape[:2] == (height, width) else np.asarray(
+        Image.fromarray(image).resize((width, height), Image.BILINEAR)
+    )
+    aspect = width / height
+    figure, axes = plt.subplots(1, 2, figsize=(min(2 * 3.2 * aspect + 1.4, 16), 3.6))
     axes[0].imshow(shown)
-    axes[0].set_title("image")
+    axes[0].set_title("image" + (", ground truth" if mask is not None and mask.any() else ""), fontsize=9)
     axes[1].imshow(shown)
-    axes[1].imshow(anomaly_map, cmap="jet", alpha=0.45, vmin=value_range[0], vmax=value_range[1])
+    heat = axes[1].imshow(anomaly_map, cmap="jet", alpha=0.5, vmin=value_range[0], vmax=value_range[1])
     if mask is not None and mask.any():
-        axes[1].contour(mask, levels=[0.5], colors="white", linewidths=0.8)
-    axes[1].set_title(title)
+        for axis in axes:
+            axis.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
+    if predicted is not None and predicted.any() and not predicted.all():
+        axes[1].contour(predicted.astype(np.uint8), levels=[0.5], colors="white", linewidths=1.0)
+    bar = figure.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+    bar.set_label("anomaly map", fontsize=8)
+    if pixel_threshold is not None:
+        bar.ax.axhline(pixel_threshold, color="white", lw=1.5)
+    figure.suptitle(title, fontsize=9)
+    axes[1].set_title("map" + (", predicted defect (white)" if predicted is not None else ""), fontsize=9)
     for axis in axes:
         axis.axis("off")
     figure.tight_layout()
     _save_figure(figure, path)
+
+
+def _file_part(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text) or "x"
 
 
 def _plot_curve(

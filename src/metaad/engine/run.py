@@ -5,8 +5,12 @@ Run folder layout::
     RUN/config.json      what was run (model, parameters, data, seeds)
     RUN/model/           model.json + model.safetensors (see checkpoint.py)
     RUN/training/        trained methods: checkpoint, train_log.jsonl, loss_curve.png (see metaad.training)
-    RUN/threshold.json   the decision threshold and how it was set
+    RUN/threshold.json   the decision thresholds (image score, map value) and how they were set
     RUN/metrics.json, roc.png, pro.png, scores.csv, worst/   the report on the test split
+
+A test split without defective images (a folder of good images only) is no obstacle: its defect-free
+images join the held-out ones that set the threshold, the run is written, and ``metrics.json`` says why it
+was not evaluated (``evaluation_skipped``).
 """
 
 from __future__ import annotations
@@ -118,6 +122,28 @@ def calibrate_threshold(good_scores: np.ndarray, false_alarm_rate: float = 0.01)
     return float(np.quantile(good_scores, 1.0 - false_alarm_rate, method="higher"))
 
 
+def calibrate_pixel_threshold(good_maps: np.ndarray, false_alarm_rate: float = 0.01) -> float:
+    """The map value above which a pixel is predicted defective: the (1 - false_alarm_rate) quantile of the
+    held-out defect-free images' map maxima, so that share of good images has no predicted defect pixel."""
+    if good_maps.size == 0:
+        raise ValueError("no held-out defect-free images to set a pixel threshold from")
+    return calibrate_threshold(good_maps.reshape(len(good_maps), -1).max(axis=1), false_alarm_rate)
+
+
+def threshold_record(calibration, false_alarm_rate: float) -> dict[str, Any]:
+    """What ``threshold.json`` holds, from the held-out defect-free images' :class:`Predictions`."""
+    return {
+        "threshold": calibrate_threshold(calibration.scores, false_alarm_rate),
+        "false_alarm_rate": false_alarm_rate,
+        "n_calibration_images": len(calibration.scores),
+        "method": "quantile of held-out defect-free training images' scores",
+        "score_low": float(np.min(calibration.scores)),
+        "pixel_threshold": calibrate_pixel_threshold(calibration.maps, false_alarm_rate),
+        "pixel_method": "the same quantile of held-out defect-free training images' map maxima",
+        "map_low": float(np.percentile(calibration.maps, 1)),
+    }
+
+
 def fit_and_evaluate(
     model: nn.Module,
     data: DataSpec,
@@ -130,11 +156,13 @@ def fit_and_evaluate(
     on_error: str = "raise",
     progress: bool = True,
     resume: bool = False,
+    preset: str | None = None,
 ) -> dict[str, Any]:
-    """Fit ``model`` on the training split, save it, set the threshold, evaluate on the test split.
+    """Fit ``model`` on the training split, save it, set the thresholds, evaluate on the test split.
 
     Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. Trained methods
     checkpoint into ``out/training`` every epoch; ``resume`` continues an interrupted fit from there.
+    ``preset`` is only recorded in ``config.json`` (the model's parameters already include it).
     """
     out = Path(out)
     image_size = loading_size(model, image_size)
@@ -142,18 +170,23 @@ def fit_and_evaluate(
     test_records = data.records("test")
     fit_records, calibration_records = split_calibration(train_records, calibration_fraction, data.seed)
     fit_records = select_shots(fit_records, shots, data.seed)
+    if calibration_records and not any(r.label for r in test_records):  # nothing to evaluate: calibrate on all
+        calibration_records = calibration_records + test_records
     train_set = AnomalyDataset(fit_records, image_size, on_error)
     test_set = AnomalyDataset(test_records, image_size, on_error)
     write_json(
         out / "config.json",
         {
             "model": registered_name(model),
+            "preset": preset,
             "params": get_config(model),
             "data": vars(data),
             "image_size": image_size,
             "shots": shots,
             "calibration_fraction": calibration_fraction,
             "false_alarm_rate": false_alarm_rate,
+            "batch_size": batch_size,
+            "skip_bad_files": on_error == "skip",
             "n_train": len(train_set),
             "n_test": len(test_set),
         },
@@ -168,22 +201,15 @@ def fit_and_evaluate(
     fit_seconds = time.perf_counter() - tic
     model.eval()
     save_model(model, out / "model")
-    threshold = None
+    threshold = pixel_threshold = None
+    (out / THRESHOLD_FILE).unlink(missing_ok=True)  # a refit without calibration must not keep an old one
     if calibration_records:
-        calibration = predict_dataset(
-            model, AnomalyDataset(calibration_records, image_size, on_error), batch_size, progress
-        )
-        threshold = calibrate_threshold(calibration.scores, false_alarm_rate)
-        write_json(
-            out / THRESHOLD_FILE,
-            {
-                "threshold": threshold,
-                "false_alarm_rate": false_alarm_rate,
-                "n_calibration_images": len(calibration_records),
-                "method": "quantile of held-out defect-free training images' scores",
-            },
-        )
-    predictions = predict_dataset(model, test_set, batch_size, progress)
+        calibration_set = AnomalyDataset(calibration_records, image_size, on_error)
+        calibration = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
+        record = threshold_record(calibration, false_alarm_rate)
+        threshold, pixel_threshold = record["threshold"], record["pixel_threshold"]
+        write_json(out / THRESHOLD_FILE, record)
+    predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
     metrics = compute_metrics(predictions)
     if threshold is not None:
         decided = predictions.scores > threshold
@@ -196,7 +222,7 @@ def fit_and_evaluate(
     )
     if hasattr(model, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
         metrics["fitted"] = model.fit_summary()
-    write_report(out, predictions, metrics, threshold)
+    write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
     return metrics
 
 
@@ -212,8 +238,20 @@ def run_image_size(run: str | Path, requested: int | None = None) -> int:
 
 def read_threshold(run: str | Path) -> float | None:
     """The calibrated threshold of a run folder, or None if it has none."""
+    return read_thresholds(run).get("threshold")
+
+
+def read_thresholds(run: str | Path) -> dict[str, Any]:
+    """A run's ``threshold.json`` (see :func:`threshold_record`; older runs hold the image threshold only),
+    or an empty dict when the run has no threshold."""
     path = Path(run) / THRESHOLD_FILE
-    return float(read_json(path)["threshold"]) if path.is_file() else None
+    return read_json(path) if path.is_file() else {}
+
+
+def read_config(run: str | Path) -> dict[str, Any]:
+    """A run's ``config.json`` (what was fitted, on which data), or an empty dict for a bare model folder."""
+    path = Path(run) / "config.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def set_threads(threads: int | None) -> None:

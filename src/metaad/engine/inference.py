@@ -1,0 +1,224 @@
+"""Score images with a fitted run from Python: ``metaad.load_run(RUN).predict([...])``.
+
+Any input a user has: image files, PIL images, numpy arrays, of any size, grayscale, RGB, RGBA or 16-bit,
+decoded as the command line does. Each image is resized to the run's size for the model and its anomaly map
+is resized back, so maps and predicted masks come at the image's own size and aspect. With ``tile``, a large
+image is split into overlapping tiles instead, each seen at the run's size, and the tiles' maps are blended.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from metaad.data.datasets import DataError, open_image
+from metaad.data.transforms import pil_to_tensor
+from metaad.engine.checkpoint import load_model
+from metaad.engine.run import read_config, read_thresholds, run_image_size
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+@dataclass
+class ImageResult:
+    """What a run says about one image. ``map`` and ``mask`` are (H, W) at the image's own size."""
+
+    source: str  # the file, or "<PIL image 2>" / "<array 2>" by position in the input
+    score: float  # the model's image score (NaN when ``error``)
+    anomalous: bool | None  # score > the run's threshold; None without a threshold
+    normalized_score: float | None  # the score mapped so that the threshold is 0.5 (see Run.normalize)
+    map: np.ndarray | None  # float32 anomaly map
+    mask: np.ndarray | None  # bool predicted defect pixels (map > the run's pixel threshold)
+    size: tuple[int, int]  # (width, height) of the image
+    error: str | None = None  # why the image could not be scored
+
+
+class Run:
+    """A fitted run folder: its model, thresholds and image size. Build it with :func:`load_run`."""
+
+    def __init__(self, folder: str | Path, threshold: float | None = None, image_size: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.model = load_model(self.folder)
+        self.config = read_config(self.folder)
+        self.thresholds = read_thresholds(self.folder)
+        self.threshold: float | None = threshold if threshold is not None else self.thresholds.get("threshold")
+        self.pixel_threshold: float | None = self.thresholds.get("pixel_threshold")
+        self.image_size = run_image_size(self.folder, image_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.folder)!r}, model={self.config.get('model', type(self.model).__name__)!r}, "
+            f"threshold={self.threshold}, image_size={self.image_size})"
+        )
+
+    def normalize(self, score: float) -> float | None:
+        """``score`` on a 0-1 scale where the threshold is 0.5: linear, with the lowest held-out good score
+        at 0 and as far above the threshold at 1 (clipped). None without a threshold."""
+        if self.threshold is None:
+            return None
+        spread = self.threshold - self.thresholds.get("score_low", self.threshold)
+        if not spread > 0:
+            spread = abs(self.threshold) or 1.0
+        return float(np.clip(0.5 + 0.5 * (score - self.threshold) / spread, 0.0, 1.0))
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        tile: int | None = None,
+        tile_overlap: float = 0.25,
+        batch_size: int = 16,
+        on_error: str = "raise",
+    ) -> list[ImageResult]:
+        """Score ``images`` (one or a list). ``on_error="report"`` returns a result with ``error`` set for an
+        unreadable image instead of raising :class:`~metaad.data.datasets.DataError`."""
+        if isinstance(images, str | Path | Image.Image | np.ndarray):
+            images = [images]
+        return list(self.iter_predict(images, tile, tile_overlap, batch_size, on_error))
+
+    def iter_predict(
+        self,
+        images: Iterable[ImageInput],
+        tile: int | None = None,
+        tile_overlap: float = 0.25,
+        batch_size: int = 16,
+        on_error: str = "raise",
+    ) -> Iterator[ImageResult]:
+        """:meth:`predict` one batch at a time, for more images than fit in memory at once."""
+        if on_error not in ("raise", "report"):
+            raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
+        if tile is not None and tile < 8:
+            raise ValueError(f"tile must be at least 8 pixels, got {tile}")
+        if not 0.0 <= tile_overlap < 1.0:
+            raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+        pending: list[tuple[str, Image.Image]] = []
+        for index, item in enumerate(images):
+            source = _describe(item, index)
+            try:
+                pending.append((source, to_pil(item, source)))
+            except DataError as error:
+                if on_error == "raise":
+                    raise
+                yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
+                pending = []
+                yield ImageResult(source, math.nan, None, None, None, None, (0, 0), str(error))
+                continue
+            if len(pending) == batch_size or tile is not None:
+                yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
+                pending = []
+        yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
+
+    @torch.no_grad()
+    def _predict_batch(
+        self, pending: list[tuple[str, Image.Image]], tile: int | None, overlap: float, batch_size: int
+    ) -> Iterator[ImageResult]:
+        if not pending:
+            return
+        if tile is not None:
+            for source, pil in pending:
+                score, anomaly_map = self._predict_tiled(pil, tile, overlap, batch_size)
+                yield self._result(source, pil.size, score, anomaly_map)
+            return
+        batch = torch.stack([pil_to_tensor(pil, self.image_size) for _, pil in pending])
+        prediction = self.model.predict(batch)
+        for (source, pil), score, anomaly_map in zip(pending, prediction.scores, prediction.maps, strict=True):
+            width, height = pil.size
+            yield self._result(source, pil.size, float(score), _resize_map(anomaly_map, (height, width)))
+
+    def _predict_tiled(
+        self, pil: Image.Image, tile: int, overlap: float, batch_size: int
+    ) -> tuple[float, np.ndarray]:
+        """Blend the maps of overlapping ``tile`` x ``tile`` crops (each resized to the run's size) by averaging
+        where they overlap; the image score is the highest tile score, so it stays the model's own score."""
+        width, height = pil.size
+        image = pil_to_tensor(pil, (height, width))
+        tile_h, tile_w = min(tile, height), min(tile, width)
+        boxes = [(y, x) for y in tile_starts(height, tile_h, overlap) for x in tile_starts(width, tile_w, overlap)]
+        total = torch.zeros(height, width)
+        count = torch.zeros(height, width)
+        best = -math.inf
+        for start in range(0, len(boxes), batch_size):
+            chunk = boxes[start : start + batch_size]
+            crops = torch.stack([image[:, y : y + tile_h, x : x + tile_w] for y, x in chunk])
+            crops = F.interpolate(crops, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+            prediction = self.model.predict(crops.clamp_(0, 1))
+            best = max(best, float(prediction.scores.max()))
+            maps = F.interpolate(prediction.maps.float()[:, None], size=(tile_h, tile_w), mode="bilinear")[:, 0]
+            for (y, x), tile_map in zip(chunk, maps, strict=True):
+                total[y : y + tile_h, x : x + tile_w] += tile_map
+                count[y : y + tile_h, x : x + tile_w] += 1
+        return best, (total / count).numpy()
+
+    def _result(self, source: str, size: tuple[int, int], score: float, anomaly_map: np.ndarray) -> ImageResult:
+        return ImageResult(
+            source,
+            score,
+            None if self.threshold is None else bool(score > self.threshold),
+            self.normalize(score),
+            anomaly_map,
+            None if self.pixel_threshold is None else anomaly_map > self.pixel_threshold,
+            size,
+        )
+
+
+def load_run(folder: str | Path, threshold: float | None = None, image_size: int | None = None) -> Run:
+    """Load a run folder written by ``metaad fit`` (``threshold`` overrides its calibrated one)."""
+    return Run(folder, threshold, image_size)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length``, overlapping by at least ``overlap``."""
+    if tile >= length:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    n = math.ceil((length - tile) / step) + 1
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def to_pil(item: Any, source: str = "image") -> Image.Image:
+    """A PIL image from a file, a PIL image or a numpy array (HxW, HxWx1, HxWx3 or HxWx4; uint8, uint16,
+    or float in [0, 1]). :class:`DataError` when it cannot be one."""
+    if isinstance(item, str | Path):
+        return open_image(item)
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item, source)
+    raise DataError(f"{source}: expected an image file path, a PIL image or a numpy array, got {type(item).__name__}")
+
+
+def _array_to_pil(array: np.ndarray, source: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or min(array.shape[:2]) < 1:
+        raise DataError(f"{source}: expected an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
+    if array.dtype == np.uint16:
+        if array.ndim == 2:
+            return Image.fromarray(array)  # I;16, scaled to 8 bit as a 16-bit file is
+        array = (array / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating) or array.dtype == bool:
+        array = (np.clip(np.asarray(array, np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise DataError(f"{source}: expected a uint8, uint16 or float array, got {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _describe(item: Any, index: int) -> str:
+    if isinstance(item, str | Path):
+        return str(item)
+    kind = "PIL image" if isinstance(item, Image.Image) else "array" if isinstance(item, np.ndarray) else "input"
+    return f"<{kind} {index}>"
+
+
+def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    anomaly_map = anomaly_map.float()
+    if tuple(anomaly_map.shape) != size:
+        anomaly_map = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear")[0, 0]
+    return anomaly_map.numpy().astype(np.float32, copy=False)

@@ -13,7 +13,10 @@ A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel
   empty; loading resizes it to the saved shape;
 - optional: ``SAVED_WITHOUT`` (ClassVar dict), what a model saved by an older metaad lacks: constructor
   arguments (the value its fit used) and buffer names (which then keep their constructed value);
-  ``fit_summary() -> dict``, what the fit decided from the data (written to a run's ``metrics.json``).
+  ``fit_summary() -> dict``, what the fit decided from the data (written to a run's ``metrics.json``);
+  ``export_forward(images) -> (scores, maps)``, ``predict`` in plain tensor operations for ONNX export, for a
+  method whose ``predict`` leaves torch (PatchCore's faiss search); without it the export traces ``predict``
+  (``metaad.engine.export``).
 
 Gradient-trained methods are also :class:`TrainableModel`: they give the shared training loop
 (``metaad.training``) a loss for a batch and their optimiser settings, and their ``fit`` calls the loop.

@@ -303,6 +303,31 @@ class PatchCore(nn.Module):
         upsampled = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False)
         return gaussian_blur(upsampled, self.blur_sigma)[:, 0]
 
+    # -------------------------------------------------------------------------------------------- export
+    EXPORT_CHUNK: ClassVar[int] = 16384  # bank rows per matrix product in ``export_forward`` (bounds its memory)
+
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` in plain tensor operations for ONNX export (``metaad.types``): the faiss search becomes an
+        exact one (matrix products and minima over bank chunks), so it matches ``search="exact"``."""
+        patches = self.embed(images)
+        b, c, h, w = patches.shape
+        queries = patches.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        squared, nn_index = _nearest(queries.reshape(-1, c), self.memory_bank, self.EXPORT_CHUNK)
+        patch_scores = squared.clamp_min(0).sqrt().view(b, h * w)
+        anomaly_map = self._anomaly_map(patch_scores.view(b, 1, h, w), images.shape[-2:])
+        worst = patch_scores.argmax(dim=1, keepdim=True)
+        max_scores = patch_scores.gather(1, worst)[:, 0]
+        if self.image_score == "map" or self.num_neighbors <= 1:
+            return (anomaly_map.flatten(1).amax(1) if self.image_score == "map" else max_scores), anomaly_map
+        m_test = queries.gather(1, worst[..., None].expand(b, 1, c))[:, 0]
+        m_star = self.memory_bank[nn_index.view(b, h * w).gather(1, worst)[:, 0]]
+        k = min(self.num_neighbors, self.memory_bank.shape[0])
+        to_bank = (m_star**2).sum(1, keepdim=True) - 2 * m_star @ self.memory_bank.T + (self.memory_bank**2).sum(1)
+        neighbours = to_bank.topk(k, dim=1, largest=False).indices  # N_b(m*), which contains m* itself
+        distances = torch.linalg.vector_norm(self.memory_bank[neighbours] - m_test[:, None], dim=-1)
+        weight = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
+        return weight * max_scores, anomaly_map
+
     # -------------------------------------------------------------------------------------------- search
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k).
@@ -313,3 +338,18 @@ class PatchCore(nn.Module):
             self._search_index = (key, NearestNeighbours(self.memory_bank, self.ivf_centroids, self.nprobe))
         return self._search_index[1].search(queries, k)
 
+
+
+def _nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest bank row of every query: squared distances (Q,) and indices (Q,), ``chunk`` rows at a time."""
+    query_norms = (queries**2).sum(1, keepdim=True)
+    best, where = [], []
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start : start + chunk]
+        value, index = (query_norms - 2 * queries @ part.T + (part**2).sum(1)).min(dim=1)
+        best.append(value)
+        where.append(index + start)
+    if len(best) == 1:
+        return best[0], where[0]
+    value, which = torch.stack(best, 1).min(dim=1, keepdim=True)
+    return value[:, 0], torch.stack(where, 1).gather(1, which)[:, 0]

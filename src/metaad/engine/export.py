@@ -1,0 +1,175 @@
+"""Export a fitted model to one ONNX graph: [0, 1] RGB images (B, 3, S, S) at the run's size -> scores (B,) and
+maps (B, S, S), with normalisation, backbone, scorer, smoothing and upsampling inside; resizing is the caller's.
+
+One generic path for every registered method: a thin module calling the model's ``export_forward`` when it has
+one (``metaad.types``: PatchCore's faiss search becomes an exact search of matrix products and minima) and its
+``predict`` otherwise, traced by torch's TorchScript exporter at opset 18. Everything a caller needs (size,
+method, threshold, metrics, metaad version) goes into the graph's ``metadata_props``; every export is checked
+against metaad on a batch of two images before it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import metaad
+from metaad.engine.checkpoint import load_model
+from metaad.engine.run import read_threshold, run_image_size
+from metaad.io import atomic_write, read_json
+from metaad.models import get_config, registered_name
+
+OPSET = 18
+INPUT, OUTPUTS = "images", ("scores", "maps")
+
+
+class ExportWrapper(nn.Module):
+    """(B, 3, S, S) images in [0, 1] -> (scores (B,), maps (B, S, S)), float32, through the model's export path."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hook = getattr(self.model, "export_forward", None)
+        scores, maps = hook(images) if hook is not None else self.model.predict(images)
+        return scores.float(), maps.float()
+
+
+def select_device(name: str = "cpu") -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available) as a torch device; asking for a missing GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    image_size: int,
+    metadata: dict[str, Any] | None = None,
+    device: str = "cpu",
+    check_images: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Write ``model`` as ONNX to ``path`` for (B, 3, image_size, image_size) inputs; returns the export check
+    (largest score and map differences between onnxruntime and the eager export path on ``check_images``,
+    by default two seeded noise images)."""
+    import onnx
+
+    target = select_device(device)
+    wrapper = ExportWrapper(model.eval()).to(target).eval()
+    if check_images is None:
+        generator = torch.Generator().manual_seed(0)
+        check_images = torch.rand(2, 3, image_size, image_size, generator=generator)
+    buffer = io.BytesIO()
+    with _exportable(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values recorded as constants
+        torch.onnx.export(
+            wrapper,
+            (check_images[:1].to(target),),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+        )
+    graph = onnx.load_from_string(buffer.getvalue())
+    _single_output_splits_to_identity(graph)
+    graph.doc_string = "metaad anomaly model: images (B, 3, S, S) RGB in [0, 1] -> scores (B,), maps (B, S, S)"
+    for key, value in (metadata or {}).items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(graph)
+    data = graph.SerializeToString()
+    with torch.inference_mode(), _exportable():
+        expected = [t.cpu().numpy() for t in wrapper(check_images.to(target))]
+    session = onnx_session(data)
+    scores, maps = session.run(None, {INPUT: check_images.numpy().astype(np.float32)})
+    check = {
+        "max_relative_score_difference": float(
+            np.max(np.abs(scores - expected[0]) / np.maximum(np.abs(expected[0]), 1e-12))
+        ),
+        "max_map_difference": float(np.max(np.abs(maps - expected[1]))),
+    }
+    if not check["max_relative_score_difference"] < 1e-3 or maps.shape != expected[1].shape:
+        raise RuntimeError(f"the ONNX graph does not reproduce {type(model).__name__} ({check}); not written")
+    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+    return check
+
+
+def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> dict[str, str]:
+    """Export a run folder's model with its threshold, size and metrics in the metadata; returns the metadata."""
+    run = Path(run)
+    model = load_model(run)
+    image_size = run_image_size(run)
+    metrics_path = run / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metadata = run_metadata(model, image_size, read_threshold(run), metrics)
+    check = export_onnx(model, out, image_size, metadata, device)
+    return {**metadata, "export_check": json.dumps(check)}
+
+
+def run_metadata(
+    model: nn.Module, image_size: int, threshold: float | None, metrics: dict[str, Any]
+) -> dict[str, str]:
+    """What an exported graph carries for its callers (all values strings; JSON where structured)."""
+    params = get_config(model)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
+    return {
+        "metaad_version": metaad.__version__,
+        "method": registered_name(model),
+        "params": json.dumps(params),
+        "image_size": str(image_size),
+        "input": f"{INPUT}: float32 (B, 3, {image_size}, {image_size}) RGB in [0, 1], resized by the caller",
+        "outputs": f"scores: (B,) higher = more anomalous; maps: (B, {image_size}, {image_size})",
+        "threshold": "" if threshold is None else repr(float(threshold)),
+        "decision": "anomalous when score > threshold",
+        "export_path": "export_forward" if hasattr(model, "export_forward") else "predict",
+        "metrics": json.dumps(summary),
+    }
+
+
+def onnx_session(model: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session (``threads`` intra-op threads; default: onnxruntime's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def _exportable() -> Iterator[None]:
+    """nn.Transformer's fused inference kernel has no ONNX form: trace the plain one."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _single_output_splits_to_identity(graph) -> None:
+    """A method's ``images.split(batch_size)`` loop traces to a Split with one output, fixed to the traced batch;
+    a Split with one output is the identity, and replacing it keeps the batch dimension free."""
+    for node in graph.graph.node:
+        if node.op_type == "Split" and len(node.output) == 1:
+            node.op_type = "Identity"
+            del node.input[1:]
+            del node.attribute[:]

@@ -27,6 +27,9 @@ REGISTRY: dict[str, Registered] = {
         "metaad.models.reverse_distillation:ReverseDistillation", "Deng & Li, CVPR 2022 (MIAD A.2.1)", True
     ),
     "fastflow": Registered("metaad.models.fastflow:FastFlow", "Yu et al. 2021 (MIAD A.2.3)", True),
+    "multiscale_patch": Registered(
+        "metaad.models.multiscale_patch:MultiScalePatch", "Tsai, Wu & Lai, WACV 2022 (supplementary)", True
+    ),
 }
 MODELS = tuple(REGISTRY)  # the registered names, for the CLI's choices
 

@@ -45,7 +45,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from metaad.cli import commands, instance_prior, metaformer
+    from metaad.cli import commands, deploy, instance_prior, metaformer
 
     parser = argparse.ArgumentParser(
         prog="metaad", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(subparsers)
     metaformer.register(subparsers)
     instance_prior.register(subparsers)
+    deploy.register(subparsers)
     return parser
 
 

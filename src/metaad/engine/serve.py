@@ -1,0 +1,196 @@
+"""An HTTP service for one fitted run: FastAPI on uvicorn (``pip install "metaad[serve]"``), the model loaded once.
+
+``POST /predict`` (multipart field ``image``) -> JSON score, decision and threshold, and on request
+(``?heatmap=true&overlay=true``) the heat map and its overlay on the image as base64 PNG; ``GET /health``;
+``GET /model`` (method, size, threshold, metrics); OpenAPI at ``/docs``. A bad upload (not an image, truncated,
+empty, too large, wrong field) is a 4xx with a message, never a 500, and the service goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+import metaad
+from metaad.data.transforms import pil_to_tensor
+from metaad.engine.export import select_device
+from metaad.engine.inference import Run
+from metaad.io import read_json
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # decoded size limit: a small file can hold a huge image (decompression bomb)
+
+
+class Prediction(BaseModel):
+    score: float
+    decision: str | None  # "anomalous" or "good"; None when the run has no threshold
+    anomalous: bool | None
+    threshold: float | None
+    normalized_score: float | None  # 0-1, the threshold at 0.5
+    width: int
+    height: int
+    milliseconds: float
+    heatmap_range: list[float] | None = None  # map values at the colour scale's ends
+    heatmap: str | None = None  # base64 PNG, jet colours, the image's size
+    overlay: str | None = None  # base64 PNG, heat map laid over the image
+
+
+class ModelInfo(BaseModel):
+    method: str
+    image_size: int
+    threshold: float | None
+    metaad_version: str
+    device: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+class _OnDevice:
+    """The model's ``predict`` with inputs moved to ``device`` and outputs back to the CPU."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.device = device
+
+    def predict(self, images: torch.Tensor):
+        scores, maps = self.model.predict(images.to(self.device))
+        return scores.cpu(), maps.cpu()
+
+
+def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The service for run folder ``run`` (model loaded now, once)."""
+    run = Path(run)
+    loaded = Run(run)
+    target = select_device(device)
+    if target.type != "cpu":
+        loaded.model = _OnDevice(loaded.model, target)
+    metrics_path = run / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    info = ModelInfo(
+        method=loaded.config.get("model", type(loaded.model).__name__),
+        image_size=loaded.image_size,
+        threshold=loaded.threshold,
+        metaad_version=metaad.__version__,
+        device=str(target),
+        params=loaded.config.get("params", {}),
+        metrics={k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None},
+    )
+    lock = threading.Lock()  # one prediction at a time: the model and its search caches are not thread-safe
+    app = FastAPI(
+        title="metaad",
+        version=metaad.__version__,
+        description=f"Anomaly detection with the {info.method} run {run.name}: upload an image, get its score.",
+    )
+
+    @app.middleware("http")
+    async def limit_upload(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"upload larger than {max_upload_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/model", response_model=ModelInfo)
+    def model_info() -> ModelInfo:
+        return info
+
+    @app.post("/predict", response_model=Prediction, response_model_exclude_none=False)
+    def predict(
+        image: Annotated[UploadFile, File(description="an image file: PNG, JPEG, BMP, TIFF, ...")],
+        heatmap: Annotated[bool, Query(description="include the heat map (base64 PNG)")] = False,
+        overlay: Annotated[bool, Query(description="include the heat map over the image (base64 PNG)")] = False,
+    ) -> Prediction:
+        data = image.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
+        pil = decode_image(data, image.filename or "upload")
+        tic = time.perf_counter()
+        with lock:
+            result = loaded.predict(pil)[0]
+        answer = Prediction(
+            score=result.score,
+            decision=None if result.anomalous is None else ("anomalous" if result.anomalous else "good"),
+            anomalous=result.anomalous,
+            threshold=loaded.threshold,
+            normalized_score=result.normalized_score,
+            width=result.size[0],
+            height=result.size[1],
+            milliseconds=1000 * (time.perf_counter() - tic),
+        )
+        if heatmap or overlay:
+            low, high = heatmap_range(result.map, loaded.threshold)
+            colours = colour_map(result.map, low, high)
+            answer.heatmap_range = [low, high]
+            if heatmap:
+                answer.heatmap = png_base64(colours)
+            if overlay:
+                rgb = 255 * pil_to_tensor(pil, (result.size[1], result.size[0])).permute(1, 2, 0).numpy()
+                answer.overlay = png_base64((0.5 * rgb + 0.5 * colours).round().astype(np.uint8))
+        return answer
+
+    return app
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """The uploaded bytes as a fully decoded PIL image; 400 (empty, not an image, truncated) or 413 (too many
+    pixels) with a message otherwise."""
+    if not data:
+        raise HTTPException(400, f"{name}: empty upload; send an image file in the multipart field 'image'")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = Image.open(io.BytesIO(data))
+            if handle.width * handle.height > MAX_PIXELS:
+                raise HTTPException(413, f"{name}: {handle.width}x{handle.height} px is over {MAX_PIXELS} pixels")
+            handle.load()
+    except HTTPException:
+        raise
+    except UnidentifiedImageError as error:
+        raise HTTPException(400, f"{name}: not an image file PIL can read ({error})") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise HTTPException(400, f"{name}: unreadable or truncated image ({error})") from error
+    return handle.convert("RGB") if handle.mode == "P" else handle  # as metaad.data.datasets.open_image
+
+
+def heatmap_range(anomaly_map: np.ndarray, threshold: float | None) -> tuple[float, float]:
+    """Colour scale of one map: from its minimum to the image threshold (red = at or above the decision
+    threshold), or to its maximum without a threshold."""
+    low = float(anomaly_map.min())
+    high = float(threshold) if threshold is not None and threshold > low else float(anomaly_map.max())
+    return low, max(high, low + 1e-6)
+
+
+def colour_map(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 jet colours over [low, high]."""
+    from matplotlib import colormaps
+
+    scaled = np.clip((anomaly_map - low) / (high - low), 0.0, 1.0)
+    return (colormaps["jet"](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def png_base64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
+    """Run the service until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(run, device), host=host, port=port, log_level="info")

@@ -30,6 +30,7 @@ REGISTRY: dict[str, Registered] = {
     "multiscale_patch": Registered(
         "metaad.models.multiscale_patch:MultiScalePatch", "Tsai, Wu & Lai, WACV 2022 (supplementary)", True
     ),
+    "glance": Registered("metaad.models.glance:Glance", "Wang et al., CVPR 2021 (supplementary)", True),
 }
 MODELS = tuple(REGISTRY)  # the registered names, for the CLI's choices
 

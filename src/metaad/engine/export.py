@@ -5,7 +5,7 @@ One generic path for every registered method: a thin module calling the model's 
 one (``metaad.types``: PatchCore's faiss search becomes an exact search of matrix products and minima) and its
 ``predict`` otherwise, traced by torch's TorchScript exporter at opset 18. Everything a caller needs (size,
 method, threshold, metrics, metaad version) goes into the graph's ``metadata_props``; every export is checked
-against metaad on a batch of two images before it is written.
+against metaad on three images (traced on two, so the batch size is free) before it is written.
 """
 
 from __future__ import annotations
@@ -63,52 +63,74 @@ def export_onnx(
     metadata: dict[str, Any] | None = None,
     device: str = "cpu",
     check_images: torch.Tensor | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Write ``model`` as ONNX to ``path`` for (B, 3, image_size, image_size) inputs; returns the export check
     (largest score and map differences between onnxruntime and the eager export path on ``check_images``,
-    by default two seeded noise images)."""
-    import onnx
+    by default three seeded noise images, and the batch size the graph takes).
 
+    The graph is traced on two images with a free batch size; a method whose tensor code fixes the batch it
+    was traced with (the check on three images fails) is exported for one image at a time instead
+    (``metadata_props["batch"]`` is then "1"; :func:`run_onnx` loops)."""
+    _register_symbolics()
     target = select_device(device)
     wrapper = ExportWrapper(model.eval()).to(target).eval()
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
-        check_images = torch.rand(2, 3, image_size, image_size, generator=generator)
+        check_images = torch.rand(3, 3, image_size, image_size, generator=generator)
+    with torch.inference_mode(), _exportable():
+        expected = [t.cpu().numpy() for t in wrapper(check_images.to(target))]
+    problems = []
+    for batch in ("any", "1"):
+        data = _trace(wrapper, check_images[: 2 if batch == "any" else 1].to(target), batch, metadata or {})
+        try:
+            scores, maps = run_onnx(onnx_session(data), check_images.numpy())
+        except Exception as error:  # onnxruntime's errors have no common public base class
+            problems.append(f"batch {batch}: {str(error)[:300]}")
+            continue
+        check = {
+            "batch": batch,
+            "max_relative_score_difference": float(
+                np.max(np.abs(scores - expected[0]) / np.maximum(np.abs(expected[0]), 1e-12))
+            ),
+            "max_map_difference": float(np.max(np.abs(maps - expected[1]))),
+        }
+        if check["max_relative_score_difference"] < 1e-3 and maps.shape == expected[1].shape:
+            atomic_write(Path(path), lambda tmp, data=data: tmp.write_bytes(data))
+            return check
+        problems.append(f"batch {batch}: {check}")
+    raise RuntimeError(f"no ONNX graph reproduces {type(model).__name__}; nothing written ({'; '.join(problems)})")
+
+
+def run_onnx(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of (B, 3, S, S) float32 images, one at a time when the graph takes a batch of one."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if session.get_inputs()[0].shape[0] == 1 and len(images) != 1:
+        parts = [session.run(None, {INPUT: images[i : i + 1]}) for i in range(len(images))]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    scores, maps = session.run(None, {INPUT: images})
+    return scores, maps
+
+
+def _trace(wrapper: ExportWrapper, example: torch.Tensor, batch: str, metadata: dict[str, Any]) -> bytes:
+    import onnx
+
     buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)} if batch == "any" else None
     with _exportable(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python values recorded as constants
         torch.onnx.export(
-            wrapper,
-            (check_images[:1].to(target),),
-            buffer,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT],
-            output_names=list(OUTPUTS),
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+            wrapper, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=[INPUT],
+            output_names=list(OUTPUTS), dynamic_axes=axes,
         )
     graph = onnx.load_from_string(buffer.getvalue())
-    _single_output_splits_to_identity(graph)
+    if batch == "any":
+        _single_output_splits_to_identity(graph)
     graph.doc_string = "metaad anomaly model: images (B, 3, S, S) RGB in [0, 1] -> scores (B,), maps (B, S, S)"
-    for key, value in (metadata or {}).items():
+    for key, value in {**metadata, "batch": batch}.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(graph)
-    data = graph.SerializeToString()
-    with torch.inference_mode(), _exportable():
-        expected = [t.cpu().numpy() for t in wrapper(check_images.to(target))]
-    session = onnx_session(data)
-    scores, maps = session.run(None, {INPUT: check_images.numpy().astype(np.float32)})
-    check = {
-        "max_relative_score_difference": float(
-            np.max(np.abs(scores - expected[0]) / np.maximum(np.abs(expected[0]), 1e-12))
-        ),
-        "max_map_difference": float(np.max(np.abs(maps - expected[1]))),
-    }
-    if not check["max_relative_score_difference"] < 1e-3 or maps.shape != expected[1].shape:
-        raise RuntimeError(f"the ONNX graph does not reproduce {type(model).__name__} ({check}); not written")
-    atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
-    return check
+    return graph.SerializeToString()
 
 
 def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> dict[str, str]:
@@ -163,6 +185,30 @@ def _exportable() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _register_symbolics() -> None:
+    """ONNX forms the TorchScript exporter lacks: antialiased bilinear resizing (a method's own downsampling;
+    opset 18's Resize with ``antialias`` and ``exclude_outside`` computes what torch does) and ``lift_fresh``
+    (a ``torch.tensor`` constant inside a traced method, which is the constant itself)."""
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    @parse_args("v", "is", "b", "none")
+    def antialiased_bilinear(g, images, output_size, align_corners, scale_factors):
+        batch_channels = g.op(
+            "Slice", g.op("Shape", images), g.op("Constant", value_t=torch.tensor([0])),
+            g.op("Constant", value_t=torch.tensor([2])),
+        )
+        sizes = g.op("Concat", batch_channels, g.op("Constant", value_t=torch.tensor(output_size)), axis_i=0)
+        empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+        return g.op(
+            "Resize", images, empty, empty, sizes, mode_s="linear", antialias_i=1, exclude_outside_i=1,
+            coordinate_transformation_mode_s="align_corners" if align_corners else "half_pixel",
+        )
+
+    register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", antialiased_bilinear, OPSET)
+    register_custom_op_symbolic("aten::lift_fresh", lambda g, tensor: tensor, OPSET)
 
 
 def _single_output_splits_to_identity(graph) -> None:

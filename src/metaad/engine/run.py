@@ -211,7 +211,7 @@ def fit_and_evaluate(
         write_json(out / THRESHOLD_FILE, record)
     predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
     metrics = compute_metrics(predictions)
-    if threshold is not None:
+    if threshold is not None and "evaluation_skipped" not in metrics:  # else its images set the threshold
         decided = predictions.scores > threshold
         metrics["accuracy_at_threshold"] = float(np.mean(decided == (predictions.labels == 1)))
     metrics.update(

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from metaad.engine import html_report
 from metaad.engine.evaluation import Predictions
 from metaad.io import atomic_write, write_json
 from metaad.metrics import pro_curve, roc_curve
@@ -61,6 +62,7 @@ def write_report(
             f"PRO curve, FPR <= 0.3 (AUPRO {metrics.get('pro', float('nan')):.3f})",
         )
     write_worst_overlays(folder / "worst", predictions, n_worst, threshold, pixel_threshold)
+    html_report.write_html_report(folder, predictions, metrics, threshold)  # report.html, self-contained
     return folder
 
 

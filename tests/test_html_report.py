@@ -1,0 +1,94 @@
+"""report.html: self-contained (no network, pictures inline), and a real headless browser shows it without
+console errors and with content on the screen."""
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metaad.engine.evaluation import Predictions
+from metaad.engine.report import write_report
+
+SIZE = 64
+
+
+def _predictions(folder) -> Predictions:
+    """12 good and 8 defective images of two types, with masks, scored by a fake model that mostly sees them."""
+    rng = np.random.default_rng(0)
+    paths, labels, defects, scores, maps, masks = [], [], [], [], [], []
+    for i in range(20):
+        label = int(i >= 12)
+        image = (rng.random((SIZE, SIZE, 3)) * 60 + 100).astype(np.uint8)
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        anomaly_map = rng.random((SIZE, SIZE)).astype(np.float32) * 0.3
+        if label:
+            y, x = rng.integers(8, 40, 2)
+            mask[y : y + 16, x : x + 16] = 1
+            image[mask == 1] = (200, 40, 40)
+            anomaly_map[mask == 1] += 1.0
+        path = folder / "images" / f"{'bad' if label else 'good'}_{i:02d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+        paths.append(str(path))
+        labels.append(label)
+        defects.append(("crack" if i % 2 else "stain") if label else "good")
+        scores.append(float(anomaly_map.max()) + (0.5 if i in (3, 15) else 0) - (0.9 if i == 12 else 0))
+        maps.append(anomaly_map)
+        masks.append(mask)
+    return Predictions(paths, np.array(labels), defects, np.array(scores), np.stack(maps), np.stack(masks), 5.0, 7.0)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    predictions = _predictions(folder)
+    metrics = {"image_auroc": 0.95, "pixel_auroc": 0.9, "pro": 0.8, "f1_max": 0.9}
+    (folder / "config.json").write_text('{"model": "patchcore", "data": {"format": "mtd", "root": "x"}}')
+    write_report(folder, predictions, metrics, threshold=1.1)
+    return folder / "report.html"
+
+
+def test_report_is_self_contained(report):
+    page = report.read_text(encoding="utf-8")
+    for section in ("Metrics", "Image ROC", "PRO curve", "Score histogram", "per defect type", "false alarms",
+                    "misses", "threshold 1.1"):
+        assert section in page, section
+    assert "Metaformer (Wu et al., ICCV 2021)" in page and "0.993" in page  # the paper's figure beside ours
+    assert "crack" in page and "stain" in page
+    # nothing fetched: no script, no external URL except SVG's namespace name
+    assert "<script" not in page
+    links = re.findall(r"(?:src|href)=['\"]?([^'\" >]+)", page)
+    assert links and all(link.startswith("data:image/png;base64,") for link in links), set(links) - {""}
+    assert len(re.findall("data:image/png;base64,", page)) == 4 * 8  # 4 false alarms + 4 misses, 4 pictures
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(page, png, tmp_path) -> str:
+    """Headless chromium renders ``page`` to ``png``; returns its stderr (console messages)."""
+    command = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr", "--v=0", "--hide-scrollbars", f"--screenshot={png}", "--window-size=1200,2000",
+        page.resolve().as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and png.is_file(), result.stderr[-2000:]
+    return result.stderr
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (.ci/run installs Debian's package)")
+def test_browser_shows_the_report_without_console_errors(report, tmp_path):
+    png = tmp_path / "report.png"
+    log = screenshot(report, png, tmp_path)
+    console = [line for line in log.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    assert not [line for line in log.splitlines() if "Failed to load resource" in line or "net::ERR" in line]
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert image.shape[:2] == (2000, 1200)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500  # text, curves, heat maps: not blank

@@ -139,8 +139,9 @@ class ReverseDistillation(nn.Module):
         seed: seeds the trainable layers' initialisation and the training order.
 
     The default is a CPU-sized student for EfficientNet-Lite0's 24/40/112 channels (2.1 M trained weights),
-    trained for 15 epochs: about the most that fits 20 minutes on 2 cores for ~760 images at 256 px
-    (checked on held-out training images with synthetic defects: ``benchmarks/epoch_validation.py``).
+    trained for 15 epochs: about the most that fits 20 minutes on 2 cores for ~760 images at 256 px (chosen by
+    that time budget; ``benchmarks/epoch_validation.py --model reverse_distillation`` checks it on held-out
+    training images with synthetic defects, not yet run).
     Presets: ``"paper"`` (A.2.1 with the reference's widths: WideResNet-50 teacher, needs ``weights=PATH``),
     ``"cpu"`` (10 epochs) and ``"tiny"`` (tests).
     """

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import metaad  # noqa: F401  (before torch: OpenMP passive waiting, so faiss keeps its threads)
+
+# isort: split
 import pytest
 import torch
 

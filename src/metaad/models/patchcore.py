@@ -235,9 +235,14 @@ class PatchCore(nn.Module):
                 train = list(iter_image_batches(train, self.batch_size))
             self.exposure_variation = torch.tensor(exposure_variation(iter_image_batches(train, self.batch_size)))
         chunks = []
+        if isinstance(train, torch.Tensor):
+            total = math.ceil(len(train) / self.batch_size)
+        else:
+            total = len(train) if hasattr(train, "__len__") else None  # a DataLoader: its number of batches
         for images in tqdm(
             iter_image_batches(train, self.batch_size),
             desc="PatchCore features",
+            total=total,
             disable=not progress,
             unit="batch",
         ):

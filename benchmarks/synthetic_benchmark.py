@@ -1,11 +1,11 @@
-"""Reverse Distillation on metaad's built-in synthetic categories: the general case beside MTD.
+"""Any registered method on metaad's built-in synthetic categories: the general case beside MTD.
 
-    python benchmarks/reverse_distillation_synthetic.py [--param KEY=VALUE ...] [--name NAME]
+    python benchmarks/synthetic_benchmark.py --model reverse_distillation [--preset P] [--param KEY=VALUE ...]
 
 The synthetic data set (all six categories, textures and objects) is generated under ``benchmarks/_work/``
 at ``--size``; the model (its defaults unless ``--param`` says otherwise) is fitted on each category's
 training images and tested on its test images (maps and metrics at the generated size). Needs no real data.
-The figures go to ``benchmarks/results/reverse_distillation_synthetic[_<name>].json``.
+The figures go to ``benchmarks/results/<model>_synthetic[_<name>].json``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from metaad.data.datasets import AnomalyDataset, mvtec_records
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.engine.run import set_threads
 from metaad.metrics import evaluate
-from metaad.models import create_model, get_config
+from metaad.models import MODELS, create_model, get_config
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--preset", default=None)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--size", type=int, default=128, help="image size of the generated data set")
     parser.add_argument("--n-train", type=int, default=60)
@@ -50,7 +52,7 @@ def main() -> None:
         train = AnomalyDataset(mvtec_records(root, category, "train"), image_size=args.size)
         test = AnomalyDataset(mvtec_records(root, category, "test"), image_size=args.size)
         batch = next(iter(DataLoader(test, batch_size=len(test))))
-        model = create_model("reverse_distillation", **params)
+        model = create_model(args.model, args.preset, **params)
         tic = time.perf_counter()
         model.fit(DataLoader(train, batch_size=16))
         fit_seconds = time.perf_counter() - tic
@@ -61,10 +63,11 @@ def main() -> None:
         print(category, json.dumps(table[category]), flush=True)
     mean = {key: float(np.mean([table[c][key] for c in CATEGORIES])) for key in ("image_auroc", "pixel_auroc", "pro")}
     print("mean", json.dumps(mean), flush=True)
-    record("reverse_distillation_synthetic" + (f"_{args.name}" if args.name else ""), {
+    record(f"{args.model}_synthetic" + (f"_{args.name}" if args.name else ""), {
         "data": f"metaad synthetic data set, {args.size} px: {args.n_train} train, {args.n_test_good} good test and "
         f"{args.n_test_per_defect} test per defect type in each of {len(CATEGORIES)} categories",
-        "params": params, "config": get_config(model), "categories": table, "mean": mean,
+        "method": args.model, "preset": args.preset, "params": params, "config": get_config(model),
+        "categories": table, "mean": mean,
     })
 
 

@@ -27,6 +27,7 @@ REGISTRY: dict[str, Registered] = {
         "metaad.models.reverse_distillation:ReverseDistillation", "Deng & Li, CVPR 2022 (MIAD A.2.1)", True
     ),
     "fastflow": Registered("metaad.models.fastflow:FastFlow", "Yu et al. 2021 (MIAD A.2.3)", True),
+    "draem": Registered("metaad.models.draem:Draem", "Zavrtanik et al., ICCV 2021 (MIAD A.2.4)", True),
     "unet_autoencoder": Registered(
         "metaad.models.unet_autoencoder:UNetAutoencoder", "MIAD A.2.5 (Bergmann et al., CVPR 2019 AE)", True
     ),

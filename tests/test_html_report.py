@@ -92,3 +92,12 @@ def test_browser_shows_the_report_without_console_errors(report, tmp_path):
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape[:2] == (2000, 1200)
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500  # text, curves, heat maps: not blank
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (.ci/run installs Debian's package)")
+def test_console_errors_would_be_seen(tmp_path):
+    """The check above can fail: a page with a script error shows up in the browser's log."""
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body>x<script>undefinedFunction();</script></body></html>", encoding="utf-8")
+    log = screenshot(page, tmp_path / "bad.png", tmp_path)
+    assert any("CONSOLE" in line and "undefinedFunction" in line for line in log.splitlines())

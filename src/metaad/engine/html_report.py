@@ -173,7 +173,7 @@ def _histogram(predictions: Predictions, threshold: float | None, bins: int = 30
             if count:
                 height = ph * count / top
                 out.append(f"<rect x={left + i * bar:.1f} y={12 + ph - height:.1f} width={bar:.1f} "
-                           f"height={height:.1f} fill='{colour}' fill-opacity=0.55/>")
+                           f"height={height:.1f} fill='{colour}' fill-opacity='0.55'/>")
     if threshold is not None:
         x = left + pw * (threshold - low) / (high - low)
         out.append(f"<line x1={x:.1f} x2={x:.1f} y1=12 y2={12 + ph} stroke='#000' stroke-width=2 "

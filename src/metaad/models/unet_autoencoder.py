@@ -90,8 +90,7 @@ class UNetAutoencoder(nn.Module):
 
     The default (= ``"cpu"``) is sized for 2 CPU cores: 128 px instead of 256, width 16 and 10 epochs instead
     of 100 at lr 1e-3 instead of 1e-4 (~25 minutes for ~760 images). What it gives up: defects below ~2 px
-    at 128 px and the finer
-    reconstruction of a longer training.
+    at 128 px and the finer reconstruction of a longer training.
     ``"paper"``: 256 px, width 64 (the usual U-Net width; A.2.5 gives none), 100 epochs. ``"tiny"``: tests.
     """
 

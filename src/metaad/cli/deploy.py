@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from metaad.engine.export import export_run
 
-    metadata = export_run(args.run, args.out, args.device)
+    try:
+        metadata = export_run(args.run, args.out, args.device)
+    except RuntimeError as error:  # the method's graph does not reproduce it: say so without a traceback
+        raise ValueError(str(error)) from error
     print(json.dumps({"out": str(args.out), **{k: v for k, v in metadata.items() if k != "params"}}, indent=2))
     return 0
 

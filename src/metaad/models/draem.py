@@ -207,6 +207,7 @@ class Draem(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L2 + SSIM loss of the reconstruction against the defect-free image, + focal loss (γ = 2) of the
         segmentation against the simulated mask (§3.4; the reference weighs the three terms equally)."""
+        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         good, simulated, masks = self.simulate(images)
         reconstruction, logits = self(simulated)
         return F.mse_loss(reconstruction, good) + ssim_loss(reconstruction, good) + focal_loss(logits, masks)

@@ -156,6 +156,7 @@ class UNetAutoencoder(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L2 (in the normalised space) or SSIM loss between the reconstruction of a possibly corrupted input
         and the clean image."""
+        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         clean = self._resize(images)
         corrupted = clean
         if self.corruption_probability > 0:

@@ -45,7 +45,7 @@ def _predictions(folder) -> Predictions:
 def report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     predictions = _predictions(folder)
-    metrics = {"image_auroc": 0.95, "pixel_auroc": 0.9, "pro": 0.8, "f1_max": 0.9}
+    metrics = {"image_auroc": 0.95, "pixel_auroc": 0.9, "pro": 0.8, "image_f1_max": 0.9}
     (folder / "config.json").write_text('{"model": "patchcore", "data": {"format": "mtd", "root": "x"}}')
     write_report(folder, predictions, metrics, threshold=1.1)
     return folder / "report.html"

@@ -35,7 +35,8 @@ METRIC_NAMES = {
     "image_auroc": "image AUROC",
     "pixel_auroc": "pixel AUROC",
     "pro": "PRO (FPR ≤ 0.3)",
-    "f1_max": "image F1-max",
+    "image_f1_max": "image F1-max",
+    "pixel_f1_max": "pixel F1-max",
     "accuracy_at_threshold": "accuracy at the threshold",
     "ms_per_image": "ms / image (model)",
     "ms_per_image_end_to_end": "ms / image (with loading)",
@@ -58,14 +59,17 @@ def write_html_report(
         f"({int((predictions.labels == 1).sum())} defective) · data: {html.escape(dataset or 'unnamed')} · "
         f"threshold: {'none' if threshold is None else f'{threshold:.4g}'}</p>",
         _metrics_table(metrics, dataset),
-        "<div class=row>",
-        _roc_figure(predictions, metrics),
-        _pro_figure(predictions, metrics),
-        _histogram(predictions, threshold),
-        "</div>",
-        _per_defect(predictions),
-        _worst(predictions, threshold, n_worst),
     ]
+    if len(predictions.paths):
+        parts += [
+            "<div class=row>",
+            _roc_figure(predictions, metrics),
+            _pro_figure(predictions, metrics),
+            _histogram(predictions, threshold),
+            "</div>",
+            _per_defect(predictions),
+            _worst(predictions, threshold, n_worst),
+        ]
     page = PAGE.format(title=html.escape(f"metaad report {method}".strip()), body="\n".join(p for p in parts if p))
     return atomic_write(folder / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
 

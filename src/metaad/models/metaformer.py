@@ -308,8 +308,21 @@ class Metaformer(nn.Module):
         return TrainingSettings(epochs=self.adapt_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. (7) on a batch of defect-free images in [0, 1] (P runs on the batch; it is frozen)."""
-        return self.loss(self._resize(images))
+        """Eq. (7) on a batch of defect-free images in [0, 1]. P is frozen, so R is computed once per training
+        image and kept for the epochs that follow (keyed by the image's bytes; the cache lives for one fit)."""
+        images = self._resize(images)
+        return self.loss(images, self._cached_priors(images))
+
+    def _cached_priors(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.configuration == "A":
+            return None
+        cache: dict[bytes, torch.Tensor] = self.__dict__.setdefault("_prior_cache", {})
+        keys = [image.detach().cpu().numpy().tobytes() for image in images]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            for i, prior in zip(missing, self.compute_prior(images[missing]), strict=True):
+                cache[keys[i]] = prior
+        return torch.stack([cache[key] for key in keys])
 
     def fit(
         self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False
@@ -318,7 +331,11 @@ class Metaformer(nn.Module):
         shared training loop (``metaad.training``)."""
         if self.init is not None:  # a resumed adaptation's checkpoint then replaces these weights
             self.load_universal(self.init)
-        return train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+        self.__dict__["_prior_cache"] = {}
+        try:
+            return train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+        finally:
+            self.__dict__["_prior_cache"] = {}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | Iterable) -> AnomalyPrediction:

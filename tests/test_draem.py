@@ -50,7 +50,7 @@ def test_simulated_training_pairs(tmp_path):
     model = create_model("draem", "tiny", texture_dir=str(tmp_path / "dtd"), rotation_probability=0.0)
     torch.manual_seed(0)
     good, simulated, masks = model.simulate(_train(4, 96))
-    assert good.shape == simulated.shape == (4, 3, 64, 64) and masks.shape == (4, 1, 64, 64)
+    assert good.shape == simulated.shape == (4, 3, 32, 32) and masks.shape == (4, 1, 32, 32)  # at image_size
     assert torch.equal((simulated != good).any(1, keepdim=True), masks.bool())
     assert isinstance(model._textures, TextureSource) and len(model._textures.paths) == 1
 

@@ -148,7 +148,8 @@ def test_cli_fit_killed_mid_training_and_resumed_gives_identical_weights(tmp_pat
     bad.mkdir()
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(bad / f"{i:03d}.png")
-    args = ["--model", "reverse_distillation", "--preset", "tiny", "--param", "epochs=6", "--format", "folder",
+    args = ["--model", "reverse_distillation", "--preset", "tiny", "--param", "epochs=6", "--param", "image_size=32",
+            "--format", "folder",
             "--data", str(good), "--abnormal-dir", str(bad), "--image-size", "32", "--threads", "1",
             "--calibration-fraction", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -123,9 +123,9 @@ class Draem(nn.Module):
         seed: seeds the initial weights, the training order and the simulated anomalies.
 
     The default (= ``"cpu"``) is the reference architecture narrowed for 2 CPU cores: widths 8 and 8 instead
-    of 128 and 64 (0.7 M instead of 97 M weights), 128 px instead of 256, and 25 epochs at lr 1e-3 instead
-    of 700 at 1e-4 (a short schedule needs the larger step; ~760 images give ~2,400 steps, 1.1-1.5 s each on
-    2 cores shared with other work, less alone: 25-45 minutes; see ``benchmarks/epoch_validation.py``).
+    of 128 and 64 (0.7 M instead of 97 M weights), 128 px instead of 256, and 20 epochs at lr 1e-3 instead
+    of 700 at 1e-4 (a short schedule needs the larger step; ~760 images give ~1,900 steps, 1.1-1.5 s each on
+    2 cores shared with other work, less alone: 20-45 minutes; see ``benchmarks/epoch_validation.py``).
     What it gives up: the reconstruction of fine texture (a narrow network blurs; the discriminative network
     then has to tell blur from defect), defects smaller than ~2 px at 128 px, and the long schedule the
     reference relies on for precise segmentation.
@@ -149,7 +149,7 @@ class Draem(nn.Module):
         anomaly_probability: float = 0.5,
         rotation: float = 45.0,
         rotation_probability: float = 0.3,
-        epochs: int = 25,
+        epochs: int = 20,
         batch_size: int = 8,
         lr: float = 1e-3,
         seed: int = 0,

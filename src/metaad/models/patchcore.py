@@ -29,7 +29,12 @@ from metaad.components.coreset import greedy_coreset, random_projection
 from metaad.components.knn import NearestNeighbours, train_ivf_centroids
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.batches import iter_image_batches
-from metaad.data.transforms import exposure_variation, standardize_intensity
+from metaad.data.transforms import (
+    EXPOSURE_VARIATION_LIMIT,
+    exposure_variation,
+    standardize_intensity,
+    standardizing,
+)
 from metaad.types import AnomalyPrediction
 
 
@@ -101,7 +106,7 @@ class PatchCore(nn.Module):
         "border_padding": 0,
         "exposure_variation": None,
     }
-    EXPOSURE_VARIATION_LIMIT: ClassVar[float] = 0.1
+    EXPOSURE_VARIATION_LIMIT: ClassVar[float] = EXPOSURE_VARIATION_LIMIT
 
     def __init__(
         self,
@@ -173,9 +178,7 @@ class PatchCore(nn.Module):
     @property
     def standardizing(self) -> bool:
         """Whether images are standardised before the backbone (for "auto", decided by the last fit)."""
-        if self.standardize_images == "auto":
-            return bool(self.exposure_variation > self.EXPOSURE_VARIATION_LIMIT)  # NaN (not fitted): False
-        return self.standardize_images == "always"
+        return standardizing(self.standardize_images, float(self.exposure_variation))
 
     def fit_summary(self) -> dict:
         """What the last fit decided from the data (written to a run's ``metrics.json`` as ``fitted``)."""

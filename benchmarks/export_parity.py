@@ -8,6 +8,9 @@ difference and ms/image for each (``--threads`` cores, batches of ``--batch`` im
 exact search for larger banks (the run's bank tiled with noise), to see where it stops being practical.
 """
 
+import metaad  # noqa: F401  (first: OpenMP passive waiting, hence multi-threaded faiss, needs it before torch)
+
+# isort: split
 import argparse
 import os
 import time

@@ -1,11 +1,18 @@
-"""ONNX export against metaad on the Magnetic Tile Defects test split, and how large a bank it stays practical for.
+"""ONNX export against metaad on the Magnetic Tile Defects test split, for any method's MTD run folder.
 
-Needs a PatchCore run folder with a threshold (``metaad fit --model patchcore --data ../shared/data/mtd
---param search=exact --out benchmarks/_work/mtd_patchcore_exact_export``). Exports it, scores the test split with
-metaad (exact search, as the export does; and with the default IVF search over the same bank) and with
-onnxruntime, and reports the largest relative score difference, the decisions at the run's threshold, the map
-difference and ms/image for each (``--threads`` cores, batches of ``--batch`` images). Then times the exported
-exact search for larger banks (the run's bank tiled with noise), to see where it stops being practical.
+    python benchmarks/export_parity.py                       # PatchCore (below)
+    python benchmarks/export_parity.py --run benchmarks/_work/mtd_draem
+
+Exports the run, scores the test split with metaad and with onnxruntime, and reports the largest relative
+score difference, the decisions at the run's threshold (a run fitted without a calibration hold-out has none:
+then at the F1-max threshold of metaad's scores), the map difference and ms/image for each (``--threads``
+cores, batches of ``--batch`` images), in ``results/export_parity_<method>.json``.
+
+PatchCore (``results/export_parity.json``) needs a run folder with a threshold (``metaad fit --model patchcore
+--data ../shared/data/mtd --param search=exact --out benchmarks/_work/mtd_patchcore_exact_export``); metaad
+scores it with exact search, as the export does, and with the default IVF search over the same bank; then the
+exported exact search is timed for larger banks (the run's bank tiled with noise), to see where it stops being
+practical.
 """
 
 import metaad  # noqa: F401  (first: OpenMP passive waiting, hence multi-threaded faiss, needs it before torch)
@@ -24,8 +31,8 @@ from metaad.components.knn import train_ivf_centroids
 from metaad.data.datasets import AnomalyDataset
 from metaad.engine.checkpoint import load_model
 from metaad.engine.export import export_onnx, export_run, onnx_session, run_onnx
-from metaad.engine.run import DataSpec, read_threshold, run_image_size, set_threads
-from metaad.metrics import image_auroc
+from metaad.engine.run import DataSpec, read_config, read_threshold, run_image_size, set_threads
+from metaad.metrics import f1_max, image_auroc
 
 
 def main() -> None:
@@ -39,8 +46,9 @@ def main() -> None:
     set_threads(args.threads)
     root = require_data("mtd")
     run = args.run
+    method = read_config(run)["model"]
     threshold = read_threshold(run)
-    if threshold is None:
+    if threshold is None and method == "patchcore":
         raise SystemExit(f"{run}: no threshold.json; fit with metaad fit (it holds out images to set one)")
     onnx_path = os.path.join(run, "model.onnx")
     tic = time.perf_counter()
@@ -55,28 +63,43 @@ def main() -> None:
         labels.append(batch["label"])
     images, labels = torch.cat(images), torch.cat(labels).numpy()
 
-    exact_scores, exact_maps, exact_ms = _metaad(model, images, args.batch, exact=True)
+    patchcore = method == "patchcore"
+    exact_scores, exact_maps, exact_ms = _metaad(model, images, args.batch, exact=True if patchcore else None)
     session = onnx_session(onnx_path, args.threads)
     onnx_scores, onnx_maps, onnx_ms = _onnx(session, images.numpy(), args.batch)
-    ivf_scores, _, ivf_ms = _metaad(model, images, args.batch, exact=False)
-    relative = np.abs(onnx_scores - exact_scores) / np.abs(exact_scores)
+    threshold_source = "the run's threshold.json"
+    if threshold is None:
+        threshold, threshold_source = _f1_max_threshold(labels, exact_scores), "F1-max of metaad's scores"
+    relative = np.abs(onnx_scores - exact_scores) / np.maximum(np.abs(exact_scores), 1e-12)
     results = {
+        "method": method,
         "run": os.path.relpath(run, REPO),
         "n_images": len(images),
         "threshold": threshold,
-        "memory_bank": list(model.memory_bank.shape),
+        "threshold_source": threshold_source,
         "export_seconds": export_seconds,
         "onnx_megabytes": os.path.getsize(onnx_path) / 2**20,
         "export_check": metadata["export_check"],
-        "onnx_vs_exact": {
+        "onnx_vs_metaad": {
             "max_relative_score_difference": float(relative.max()),
             "identical_decisions": bool(np.array_equal(onnx_scores > threshold, exact_scores > threshold)),
             "decisions_differing": int(np.sum((onnx_scores > threshold) != (exact_scores > threshold))),
             "max_map_difference": float(np.abs(onnx_maps - exact_maps).max()),
             "map_range": float(exact_maps.max() - exact_maps.min()),
             "image_auroc_onnx": image_auroc(labels, onnx_scores),
-            "image_auroc_exact": image_auroc(labels, exact_scores),
+            "image_auroc_metaad": image_auroc(labels, exact_scores),
         },
+        "ms_per_image": {"onnxruntime": onnx_ms, "metaad": exact_ms},
+        "threads": args.threads,
+        "batch": args.batch,
+    }
+    if not patchcore:
+        print(results)
+        record(f"export_parity_{method}", results)
+        return
+    ivf_scores, _, ivf_ms = _metaad(model, images, args.batch, exact=False)
+    results.update({
+        "memory_bank": list(model.memory_bank.shape),
         "ivf_vs_exact": {
             "max_relative_score_difference": float((np.abs(ivf_scores - exact_scores) / np.abs(exact_scores)).max()),
             "median_relative_score_difference": float(np.median(np.abs(ivf_scores - exact_scores) / exact_scores)),
@@ -84,18 +107,18 @@ def main() -> None:
             "image_auroc_ivf": image_auroc(labels, ivf_scores),
         },
         "ms_per_image": {"onnxruntime": onnx_ms, "metaad_exact": exact_ms, "metaad_ivf": ivf_ms},
-        "threads": args.threads,
-        "batch": args.batch,
         "bank_sweep": _bank_sweep(model, images[: args.bank_images], size, args),
-    }
+    })
     print(results)
     record("export_parity", results)
 
 
-def _metaad(model, images, batch, exact: bool):
-    """metaad's scores and maps, exact or IVF search over the same bank, and ms/image (the model alone)."""
-    width = model.memory_bank.shape[1]
-    model.ivf_centroids = torch.empty(0, width) if exact else train_ivf_centroids(model.memory_bank, model.seed)
+def _metaad(model, images, batch, exact: bool | None):
+    """metaad's scores and maps and ms/image (the model alone); for PatchCore (``exact`` not None) with exact or
+    IVF search over the same bank."""
+    if exact is not None:
+        width = model.memory_bank.shape[1]
+        model.ivf_centroids = torch.empty(0, width) if exact else train_ivf_centroids(model.memory_bank, model.seed)
     scores, maps = [], []
     tic = time.perf_counter()
     for part in images.split(batch):
@@ -104,6 +127,13 @@ def _metaad(model, images, batch, exact: bool):
         maps.append(prediction.maps)
     ms = 1000 * (time.perf_counter() - tic) / len(images)
     return torch.cat(scores).numpy(), torch.cat(maps).numpy(), ms
+
+
+def _f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The F1-max threshold, moved half-way to the next lower score so that no image sits exactly on it."""
+    _, threshold = f1_max(labels, scores)
+    below = scores[scores < threshold]
+    return float((threshold + below.max()) / 2) if len(below) else float(threshold)
 
 
 def _onnx(session, images: np.ndarray, batch: int):

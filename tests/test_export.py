@@ -38,9 +38,7 @@ def _with_defect(images: torch.Tensor) -> torch.Tensor:
 
 
 # methods whose predict leaves torch and that have no export_forward yet (metaad.types): what they need
-NEEDS_EXPORT_FORWARD = {
-    "multiscale_patch": "predict searches its banks with faiss: an export_forward with an exact torch search",
-}
+NEEDS_EXPORT_FORWARD: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
-"""Nearest-neighbour search over a memory bank with faiss: exact (flat L2) or inverted-file (IVF).
+"""Nearest-neighbour search over a memory bank: exact (matrix products in torch) or inverted-file (IVF, faiss).
 
-The IVF coarse centroids are learned at fit time (:func:`train_ivf_centroids`) and stored with the model, so a
+Exact search is plain tensor arithmetic (:func:`exact_search`), the same operations a model's ONNX export
+runs, so an exported graph scores as ``search="exact"`` does. The IVF coarse centroids are learned at fit
+time (:func:`train_ivf_centroids`) and stored with the model, so a
 loaded model searches exactly as the fitted one did. This module owns faiss's threads: faiss and torch each
 run an OpenMP pool, and when torch was imported before metaad the pools spin against each other, so faiss
 then searches single-threaded (see ``metaad/__init__.py``).
@@ -16,6 +18,48 @@ import torch
 
 import metaad
 
+IVF_MIN_BANK = 20000  # banks smaller than this are searched exactly: IVF gains little there and loses recall
+
+
+def exact_search(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances (Q, k) and indices (Q, k) of the ``k`` nearest ``bank`` rows of each query.
+
+    ‖q‖² − 2 q·b + ‖b‖² over ``chunk`` bank rows at a time (bounded memory), minima or top-k per chunk, then
+    merged: only operations ONNX has, so a model's ``export_forward`` calls this very function.
+    """
+    k = min(k, bank.shape[0])
+    query_norms = (queries**2).sum(1, keepdim=True)
+    distances, indices = [], []
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start : start + chunk]
+        squared = query_norms - 2 * queries @ part.T + (part**2).sum(1)
+        if k == 1:
+            value, index = squared.min(dim=1, keepdim=True)
+        else:
+            value, index = squared.topk(min(k, part.shape[0]), dim=1, largest=False)
+        distances.append(value)
+        indices.append(index + start)
+    value, index = torch.cat(distances, 1), torch.cat(indices, 1)
+    if value.shape[1] > k:  # several chunks: keep the best k of their candidates
+        if k == 1:
+            value, which = value.min(dim=1, keepdim=True)
+        else:
+            value, which = value.topk(k, dim=1, largest=False)
+        index = index.gather(1, which)
+    return value.clamp_min(0).sqrt(), index
+
+
+def search_centroids(
+    bank: torch.Tensor, *, exact: bool = False, min_bank: int = IVF_MIN_BANK, seed: int = 0
+) -> torch.Tensor:
+    """IVF centroids for ``bank``, or an empty (0, D) tensor, which means exact search: when ``exact`` is
+    asked for or the bank has fewer than ``min_bank`` rows."""
+    if exact or bank.shape[0] < min_bank:
+        return bank.new_empty(0, bank.shape[1])
+    return train_ivf_centroids(bank, seed)
+
 
 def train_ivf_centroids(bank: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """k-means coarse centroids for an IVF index over ``bank`` (N, D): 4·√N lists, as faiss recommends."""
@@ -26,25 +70,27 @@ def train_ivf_centroids(bank: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 class NearestNeighbours:
-    """k-nearest-neighbour search over a (N, D) bank; ``centroids`` (L, D) makes it an IVF search
-    visiting ``nprobe`` lists per query, an empty tensor an exact one."""
+    """k-nearest-neighbour search over a (N, D) bank; ``centroids`` (L, D) makes it an IVF search (faiss)
+    visiting ``nprobe`` lists per query, an empty tensor an exact one (:func:`exact_search`)."""
 
     def __init__(self, bank: torch.Tensor, centroids: torch.Tensor | None = None, nprobe: int = 16) -> None:
-        vectors = np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32)
-        dim = vectors.shape[1]
-        if centroids is None or centroids.shape[0] == 0:
-            self.index: faiss.Index = faiss.IndexFlatL2(dim)
-        else:
+        self.bank = bank.detach().float()
+        self.index: faiss.Index | None = None
+        if centroids is not None and centroids.shape[0] > 0:
+            vectors = np.ascontiguousarray(self.bank.cpu().numpy(), dtype=np.float32)
+            dim = vectors.shape[1]
             quantizer = faiss.IndexFlatL2(dim)
             quantizer.add(np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32))
             self.index = faiss.IndexIVFFlat(quantizer, dim, centroids.shape[0], faiss.METRIC_L2)
             self.index.is_trained = True
             self.index.nprobe = nprobe
             self._quantizer = quantizer  # the IVF index does not own it
-        self.index.add(vectors)
+            self.index.add(vectors)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest entries."""
+        if self.index is None:
+            return exact_search(queries.detach().to(self.bank), self.bank, k)
         threads = faiss.omp_get_max_threads()
         if not metaad.OPENMP_PASSIVE:
             faiss.omp_set_num_threads(1)
@@ -55,3 +101,21 @@ class NearestNeighbours:
         finally:
             faiss.omp_set_num_threads(threads)
         return torch.from_numpy(distances).clamp_(min=0).sqrt_(), torch.from_numpy(indices).long()
+
+
+class SearchCache:
+    """One :class:`NearestNeighbours` per named bank of a model, built on first use and rebuilt whenever the
+    bank or its centroids were replaced (a fit or a load)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, NearestNeighbours]] = {}
+
+    def search(
+        self, name: str, bank: torch.Tensor, centroids: torch.Tensor, queries: torch.Tensor, k: int, nprobe: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (Q, k) and indices (Q, k) of ``queries`` in ``bank``, searched as :class:`NearestNeighbours`."""
+        key = (bank.data_ptr(), tuple(bank.shape), centroids.data_ptr(), tuple(centroids.shape), nprobe)
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            entry = self._entries[name] = (key, NearestNeighbours(bank, centroids, nprobe))
+        return entry[1].search(queries, k)

@@ -16,7 +16,7 @@ a whole batch in one pass instead of patch-by-patch crops.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from metaad.backbones.registry import create_backbone
 from metaad.components.coreset import greedy_coreset
-from metaad.components.knn import NearestNeighbours, train_ivf_centroids
+from metaad.components.knn import SearchCache, exact_search, search_centroids
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
 from metaad.types import AnomalyPrediction, TrainingSettings
@@ -178,7 +178,7 @@ class MultiScalePatch(nn.Module):
         for i in range(len(self.patch_sizes)):
             self.register_buffer(f"bank_{i}", torch.empty(0, embedding_dim))
             self.register_buffer(f"ivf_{i}", torch.empty(0, embedding_dim))
-        self._indexes: dict[int, tuple[tuple, NearestNeighbours]] = {}
+        self._indexes = SearchCache()
 
     def fit_summary(self) -> dict:
         return {f"bank_{p}px": int(getattr(self, f"bank_{i}").shape[0]) for i, p in enumerate(self.patch_sizes)}
@@ -250,28 +250,26 @@ class MultiScalePatch(nn.Module):
                 shards = max(1, math.ceil(bank.shape[0] / 4096))
                 bank = bank[greedy_coreset(bank, n_select, shards=shards, seed=self.seed + scale)]
             setattr(self, f"bank_{scale}", bank.contiguous())
-            ivf = bank.new_empty(0, bank.shape[1]) if bank.shape[0] < 20000 else train_ivf_centroids(bank, self.seed)
-            setattr(self, f"ivf_{scale}", ivf)
+            setattr(self, f"ivf_{scale}", search_centroids(bank, seed=self.seed))
         return self
 
     # ------------------------------------------------------------------------------------------ predict
     def _search(self, scale: int, queries: torch.Tensor) -> torch.Tensor:
         """Euclidean distance of each query to its nearest training patch of ``scale`` (index built once)."""
         bank, ivf = getattr(self, f"bank_{scale}"), getattr(self, f"ivf_{scale}")
-        key = (bank.data_ptr(), tuple(bank.shape), ivf.data_ptr())
-        if scale not in self._indexes or self._indexes[scale][0] != key:
-            self._indexes[scale] = (key, NearestNeighbours(bank, ivf, nprobe=16))
-        return self._indexes[scale][1].search(queries, 1)[0][:, 0]
+        return self._indexes.search(f"bank_{scale}", bank, ivf, queries, 1)[0][:, 0]
 
-    @torch.inference_mode()
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+    def _exact_search(self, scale: int, queries: torch.Tensor) -> torch.Tensor:
+        return exact_search(queries, getattr(self, f"bank_{scale}"))[0][:, 0]
+
+    def _fused_map(self, images: torch.Tensor, search: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(B, H, W) maps at the input's size: per scale, nearest-neighbour distances, each pixel the mean of
         the patches covering it; scales fused by ``fusion``."""
         side = self.image_size
         per_scale = []
         for scale, z in enumerate(self(images)):
             b, d, h, w = z.shape
-            distances = self._search(scale, z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, 1, h, w)
+            distances = search(scale, z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, 1, h, w)
             pixels = F.interpolate(distances, size=(side, side), mode="bilinear", align_corners=False)
             kernel = self.patch_sizes[scale] // 2 * 2 + 1  # odd, so the map keeps its size
             pixels = F.avg_pool2d(pixels, kernel, 1, kernel // 2, count_include_pad=False)
@@ -279,6 +277,16 @@ class MultiScalePatch(nn.Module):
         stacked = torch.stack(per_scale)
         fused = stacked.prod(0) if self.fusion == "mult" else stacked.sum(0)
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+    @torch.inference_mode()
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) anomaly maps for images in [0, 1], each bank searched as fitted (exact or IVF)."""
+        return self._fused_map(images, self._search)
+
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` in tensor operations for ONNX export (``metaad.types``): every bank searched exactly."""
+        maps = self._fused_map(images, self._exact_search)
+        return maps.flatten(1).amax(1), maps
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:

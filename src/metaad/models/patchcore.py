@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from metaad.backbones import create_backbone
 from metaad.components.coreset import greedy_coreset, random_projection
-from metaad.components.knn import NearestNeighbours, train_ivf_centroids
+from metaad.components.knn import SearchCache, exact_search, search_centroids
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.batches import iter_image_batches
 from metaad.data.transforms import (
@@ -173,7 +173,7 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, width))
         self.register_buffer("ivf_centroids", torch.empty(0, width))
         self.register_buffer("exposure_variation", torch.tensor(float("nan")))
-        self._search_index: tuple[tuple, NearestNeighbours] | None = None
+        self._indexes = SearchCache()
 
     @property
     def standardizing(self) -> bool:
@@ -263,9 +263,8 @@ class PatchCore(nn.Module):
             keep = greedy_coreset(projected, n_select, shards=shards, seed=self.seed)
             features = features[keep]
         self.memory_bank = features.contiguous()
-        exact = self.search == "exact" or features.shape[0] < self.ivf_min_bank
-        self.ivf_centroids = features.new_empty(0, features.shape[1]) if exact else train_ivf_centroids(
-            self.memory_bank, self.seed
+        self.ivf_centroids = search_centroids(
+            self.memory_bank, exact=self.search == "exact", min_bank=self.ivf_min_bank, seed=self.seed
         )
         return self
 
@@ -320,8 +319,8 @@ class PatchCore(nn.Module):
         patches = self.embed(images)
         b, c, h, w = patches.shape
         queries = patches.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        squared, nn_index = _nearest(queries.reshape(-1, c), self.memory_bank, self.EXPORT_CHUNK)
-        patch_scores = squared.clamp_min(0).sqrt().view(b, h * w)
+        distances, nn_index = exact_search(queries.reshape(-1, c), self.memory_bank, 1, self.EXPORT_CHUNK)
+        patch_scores = distances.view(b, h * w)
         anomaly_map = self._anomaly_map(patch_scores.view(b, 1, h, w), images.shape[-2:])
         worst = patch_scores.argmax(dim=1, keepdim=True)
         max_scores = patch_scores.gather(1, worst)[:, 0]
@@ -329,35 +328,12 @@ class PatchCore(nn.Module):
             return (anomaly_map.flatten(1).amax(1) if self.image_score == "map" else max_scores), anomaly_map
         m_test = queries.gather(1, worst[..., None].expand(b, 1, c))[:, 0]
         m_star = self.memory_bank[nn_index.view(b, h * w).gather(1, worst)[:, 0]]
-        k = min(self.num_neighbors, self.memory_bank.shape[0])
-        to_bank = (m_star**2).sum(1, keepdim=True) - 2 * m_star @ self.memory_bank.T + (self.memory_bank**2).sum(1)
-        neighbours = to_bank.topk(k, dim=1, largest=False).indices  # N_b(m*), which contains m* itself
+        _, neighbours = exact_search(m_star, self.memory_bank, self.num_neighbors, self.EXPORT_CHUNK)
         distances = torch.linalg.vector_norm(self.memory_bank[neighbours] - m_test[:, None], dim=-1)
         weight = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
         return weight * max_scores, anomaly_map
 
     # -------------------------------------------------------------------------------------------- search
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k).
-
-        The faiss index is built on first use and rebuilt whenever the bank was replaced (fit or load)."""
-        key = (self.memory_bank.data_ptr(), tuple(self.memory_bank.shape), self.ivf_centroids.data_ptr(), self.nprobe)
-        if self._search_index is None or self._search_index[0] != key:
-            self._search_index = (key, NearestNeighbours(self.memory_bank, self.ivf_centroids, self.nprobe))
-        return self._search_index[1].search(queries, k)
-
-
-
-def _nearest(queries: torch.Tensor, bank: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest bank row of every query: squared distances (Q,) and indices (Q,), ``chunk`` rows at a time."""
-    query_norms = (queries**2).sum(1, keepdim=True)
-    best, where = [], []
-    for start in range(0, bank.shape[0], chunk):
-        part = bank[start : start + chunk]
-        value, index = (query_norms - 2 * queries @ part.T + (part**2).sum(1)).min(dim=1)
-        best.append(value)
-        where.append(index + start)
-    if len(best) == 1:
-        return best[0], where[0]
-    value, which = torch.stack(best, 1).min(dim=1, keepdim=True)
-    return value[:, 0], torch.stack(where, 1).gather(1, which)[:, 0]
+        """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k)."""
+        return self._indexes.search("memory_bank", self.memory_bank, self.ivf_centroids, queries, k, self.nprobe)

@@ -22,6 +22,8 @@ from torch import nn
 
 from metaad.backbones.registry import create_backbone
 from metaad.components.smoothing import gaussian_blur
+from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
+from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
 from metaad.types import AnomalyPrediction, TrainingSettings
 
@@ -136,6 +138,9 @@ class ReverseDistillation(nn.Module):
         epochs, batch_size, lr, betas: training (A.2.1: Adam, lr 0.005, betas (0.5, 0.999), batch 32;
             the reference trains 200 epochs).
         blur_sigma: Gaussian smoothing of the anomaly map (§4.1: σ = 4).
+        standardize_images: "never" (default, as the paper), "always" or "auto": PatchCore's exposure
+            standardisation (``metaad.data.transforms.standardize_intensity``) before the teacher; "auto" applies
+            it when the training images' mean brightness varies by more than 10% (measured at fit).
         seed: seeds the trainable layers' initialisation and the training order.
 
     The default is a CPU-sized student for EfficientNet-Lite0's 24/40/112 channels (2.1 M trained weights),
@@ -145,6 +150,8 @@ class ReverseDistillation(nn.Module):
     Presets: ``"paper"`` (A.2.1 with the reference's widths: WideResNet-50 teacher, needs ``weights=PATH``),
     ``"cpu"`` (10 epochs) and ``"tiny"`` (tests).
     """
+
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"standardize_images": "never", "exposure_variation": None}
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
@@ -175,9 +182,12 @@ class ReverseDistillation(nn.Module):
         lr: float = 0.005,
         betas: tuple[float, float] = (0.5, 0.999),
         blur_sigma: float = 4.0,
+        standardize_images: str = "never",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if standardize_images not in ("auto", "always", "never"):
+            raise ValueError(f"standardize_images must be 'auto', 'always' or 'never', got {standardize_images!r}")
         if loss not in ("flat", "local"):
             raise ValueError(f"loss must be 'flat' or 'local', got {loss!r}")
         if not isinstance(image_size, int) or image_size < 32:
@@ -197,6 +207,7 @@ class ReverseDistillation(nn.Module):
         self.lr = lr
         self.betas = tuple(betas)
         self.blur_sigma = blur_sigma
+        self.standardize_images = standardize_images
         self.seed = seed
         self.teacher = create_backbone(backbone, self.layers, weights)
         channels, reductions = self.teacher.channels, self.teacher.reductions
@@ -209,6 +220,12 @@ class ReverseDistillation(nn.Module):
             self.bottleneck = Bottleneck(channels, reductions, bottleneck_channels, bottleneck_blocks)
             self.decoder = Decoder(bottleneck_channels, channels, decoder_blocks)
         self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("exposure_variation", torch.tensor(float("nan")))
+
+    @property
+    def standardizing(self) -> bool:
+        """Whether images are standardised before the teacher (for "auto", decided by the last fit)."""
+        return standardizing(self.standardize_images, float(self.exposure_variation))
 
     # ------------------------------------------------------------------------------------------ features
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
@@ -220,7 +237,10 @@ class ReverseDistillation(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher maps and the student's rebuilt maps for (B, 3, H, W) images in [0, 1]."""
         with torch.no_grad():
-            teacher = [t.contiguous() for t in self.teacher(self._resize(images))]
+            images = self._resize(images)
+            if self.standardizing:
+                images = standardize_intensity(images)
+            teacher = [t.contiguous() for t in self.teacher(images)]
         student = self.decoder(self.bottleneck(teacher))
         return teacher, student
 
@@ -252,6 +272,10 @@ class ReverseDistillation(nn.Module):
         resume: bool = False,
     ) -> ReverseDistillation:
         """Train the bottleneck and the decoder on defect-free images (the teacher stays frozen)."""
+        train = TrainImages.from_data(train)
+        if self.standardize_images == "auto":
+            chunks = (train[index] for index in torch.arange(len(train)).split(64))
+            self.exposure_variation = torch.tensor(exposure_variation(chunks))
         train_model(self, train, progress=progress, workdir=workdir, resume=resume)
         self.fitted.fill_(True)
         return self.eval()

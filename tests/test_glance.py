@@ -97,3 +97,16 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = create_model("glance", "tiny", **tiny).fit(train, workdir=tmp_path / "b", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("side, grid", [(243, 4), (270, 5)])  # the smallest input, and one not a multiple of 32
+def test_global_net_recomputing_only_the_hidden_patch_boxes_equals_masked_passes(side, grid):
+    torch.manual_seed(0)
+    net = GlobalNet().eval()
+    image = torch.rand(3, side, side)
+    origins = grid_origins(side, 33, grid)  # corners and edges included
+    with torch.inference_mode():
+        expected = net.masked_patch_features(image, origins, 33, incremental=False)  # one masked pass each
+        got = net.masked_patch_features(image, origins, 33)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(expected[0], expected[-1])  # the hidden patch matters

@@ -11,7 +11,7 @@ fused into a map by inverse-distance weighting, p = 5 (C.1) → image score = th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -62,14 +62,94 @@ class GlobalNet(nn.Module):
             channels = out
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x, mask = self.first(images, mask)
-        x, mask = masked_max_pool(F.relu(x), mask, 3, 2)
+    def _stages(self) -> list[tuple[int, int, Callable]]:
+        """(kernel, stride, op) per stage; op maps (x, mask) -> (x, mask) with its activation included."""
+        last = len(self.layers) - 1
+
+        def conv(layer: PartialConv2d, relu: bool) -> Callable:
+            def op(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                y, new_mask = layer(x, mask)
+                return (F.relu(y) if relu else y), new_mask
+            return op
+
+        stages = [(7, 2, conv(self.first, True)), (3, 2, lambda x, m: masked_max_pool(x, m, 3, 2))]
         for i, layer in enumerate(self.layers):
-            x, mask = layer(x, mask)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
+            stages.append((layer.kernel_size[0], layer.stride[0], conv(layer, i < last)))
+        return stages
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = images
+        for _, _, op in self._stages():
+            x, mask = op(x, mask)
         return x.mean((2, 3))
+
+    def masked_patch_features(
+        self, image: torch.Tensor, origins: torch.Tensor, patch: int, incremental: bool = True
+    ) -> torch.Tensor:
+        """``forward`` of one (3, S, S) image with each of N ``patch``-sized squares at ``origins`` (N, 2) hidden
+        in turn: (N, 128).
+
+        ``incremental`` (about 8× cheaper than N masked passes, ``False``): hiding a square changes each stage's
+        map only inside a box (the square grown by the stages' windows); everything else equals the unmasked
+        map. So the image passes once unmasked, and per square only its box is recomputed, stage by stage, from
+        the window of the previous stage's map around it: the unmasked map there with the previous box pasted
+        in. The plain passes remain for ONNX export, which cannot write the boxes in place."""
+        if not incremental:
+            masks = image.new_ones(len(origins), 1, *image.shape[-2:])
+            for i, (y, x) in enumerate(origins.tolist()):
+                masks[i, :, y : y + patch, x : x + patch] = 0
+            batch = image.expand(len(origins), -1, -1, -1).contiguous(memory_format=torch.channels_last)
+            return self(batch, masks.contiguous(memory_format=torch.channels_last))  # 1.4x faster on CPU
+        stages = self._stages()
+        x, mask = image[None], image.new_ones(1, 1, *image.shape[-2:])
+        cache = [(x[0], mask[0])]
+        for _, _, op in stages:
+            x, mask = op(x, mask)
+            cache.append((x[0], mask[0]))
+        n = len(origins)
+        lo, hi = origins, origins + patch - 1  # the changed box, inclusive, per square
+        box_origin = origins
+        rows = origins[:, :1] + torch.arange(patch)
+        cols = origins[:, 1:] + torch.arange(patch)
+        region = image[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # pixels unchanged …
+        region_mask = image.new_zeros(n, 1, patch, patch)  # … but hidden
+        for level, (kernel, stride, op) in enumerate(stages, start=1):
+            size = cache[level][0].shape[-1]
+            lo = torch.div(lo - kernel + 1 + stride - 1, stride, rounding_mode="floor").clamp(min=0)
+            hi = torch.div(hi, stride, rounding_mode="floor").clamp(max=size - 1)
+            box = min(size, max(1, int((hi - lo + 1).max())))
+            new_origin = torch.minimum(lo, torch.full_like(lo, size - box))
+            window = (box - 1) * stride + kernel
+            start = new_origin * stride
+            x_window = _gather_windows(cache[level - 1][0], start, window)
+            mask_window = _gather_windows(cache[level - 1][1], start, window)
+            x_window = _paste(x_window, region, box_origin - start)
+            mask_window = _paste(mask_window, region_mask, box_origin - start)
+            region, region_mask = op(x_window, mask_window)
+            box_origin = new_origin
+        final = cache[-1][0].expand(n, -1, -1, -1)
+        return _paste(final, region, box_origin).mean((2, 3))
+
+
+def _gather_windows(feature: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, size, size) windows of a (C, H, W) map at (N, 2) top-left ``origins``."""
+    rows = origins[:, :1] + torch.arange(size)
+    cols = origins[:, 1:] + torch.arange(size)
+    return feature[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+
+
+def _paste(windows: torch.Tensor, region: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``windows`` (N, C, W, W) with ``region`` (N, C, S, S) written at (N, 2) ``offsets``; the parts of the
+    region outside a window are dropped (sent to a scratch row and column that is cut off)."""
+    n, _, w, _ = windows.shape
+    side = region.shape[-1]
+    out = F.pad(windows, (0, 1, 0, 1))
+    rows = offsets[:, :1] + torch.arange(side)
+    cols = offsets[:, 1:] + torch.arange(side)
+    rows = torch.where((rows >= 0) & (rows < w), rows, w)
+    cols = torch.where((cols >= 0) & (cols < w), cols, w)
+    out[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]] = region.permute(0, 2, 3, 1)
+    return out[..., :w, :w]
 
 
 class ScaledLinear(nn.Linear):
@@ -121,18 +201,23 @@ def grid_origins(image_size: int, patch_size: int, grid: int) -> torch.Tensor:
     return torch.cartesian_prod(steps, steps)
 
 
-def idw_map(values: torch.Tensor, points: torch.Tensor, size: int, power: float) -> torch.Tensor:
-    """Inverse-distance-weighted interpolation (Bartier & Keller 1996) of (B, N) values at (N, 2) (y, x) points
-    onto a size × size pixel grid: Σ wᵢ vᵢ / Σ wᵢ, wᵢ = d⁻ᵖ; a pixel on a point takes its value."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=values.dtype), torch.arange(size, dtype=values.dtype),
+def idw_weights(points: torch.Tensor, size: int, power: float) -> torch.Tensor:
+    """(size², N) inverse-distance weights (Bartier & Keller 1996) of N (y, x) ``points`` at each pixel of a
+    size × size grid: wᵢ = d⁻ᵖ normalised to sum 1; a pixel on a point takes that point's value alone."""
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=points.dtype), torch.arange(size, dtype=points.dtype),
                             indexing="ij")
     pixels = torch.stack([ys.flatten(), xs.flatten()], 1)
-    distance = torch.cdist(pixels, points.to(values.dtype))  # (P, N)
+    distance = torch.cdist(pixels, points)  # (P, N)
     on_point = distance < 1e-6
     weights = torch.where(on_point, 1.0, distance.clamp(min=1e-6).pow(-power))
-    weights = torch.where(on_point.any(1, keepdim=True), on_point.to(values.dtype), weights)
-    weights = weights / weights.sum(1, keepdim=True)
-    return (values @ weights.T).view(-1, size, size)
+    weights = torch.where(on_point.any(1, keepdim=True), on_point.to(points.dtype), weights)
+    return weights / weights.sum(1, keepdim=True)
+
+
+def idw_map(values: torch.Tensor, points: torch.Tensor, size: int, power: float) -> torch.Tensor:
+    """Inverse-distance-weighted interpolation of (B, N) values at (N, 2) (y, x) points onto a size × size
+    pixel grid: Σ wᵢ vᵢ / Σ wᵢ, wᵢ = d⁻ᵖ (:func:`idw_weights`)."""
+    return (values @ idw_weights(points.to(values.dtype), size, power).T).view(-1, size, size)
 
 
 class Glance(nn.Module):
@@ -242,6 +327,7 @@ class Glance(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         self._stage = "local"
         self._epochs = local_epochs
+        self._idw_cache: tuple[tuple, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ helpers
     def _resize(self, images: torch.Tensor, side: int) -> torch.Tensor:
@@ -363,9 +449,27 @@ class Glance(nn.Module):
         distance = (1 - F.cosine_similarity(global_features, local_features, dim=1)) / 2
         return self.lambda_s * mismatch + (1 - self.lambda_s) * distance
 
+    def _idw_weights(self, origins: torch.Tensor) -> torch.Tensor:
+        """The grid's IDW weights at image_size (patch centres as points), computed once."""
+        key = (self.image_size, self.grid, self.idw_power)
+        centres = origins.float() + (self.patch_size - 1) / 2
+        if not torch.is_inference_mode_enabled():  # tracing for export: a cached inference tensor cannot enter
+            return idw_weights(centres, self.image_size, self.idw_power)
+        if self._idw_cache is None or self._idw_cache[0] != key:
+            self._idw_cache = (key, idw_weights(centres, self.image_size, self.idw_power))
+        return self._idw_cache[1]
+
     @torch.inference_mode()
-    def anomaly_maps(self, images: torch.Tensor, chunk: int = 100) -> torch.Tensor:
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W): the grid's patch scores fused by IDW at image_size, resized to the input's size."""
+        return self._maps(images, incremental=True)
+
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` for ONNX export (``metaad.types``): the Global-Net's masked passes in full."""
+        maps = self._maps(images, incremental=False, chunk=100)
+        return maps.flatten(1).amax(1), maps
+
+    def _maps(self, images: torch.Tensor, incremental: bool, chunk: int = 400) -> torch.Tensor:
         full = self._resize(images, self.image_size)
         if self.one_class:
             g = self.global_net(full, full.new_ones(full.shape[0], 1, *full.shape[-2:]))
@@ -377,16 +481,11 @@ class Glance(nn.Module):
         maps = []
         for image in full:
             patches = image[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # (N, 3, p, p)
-            masks = image.new_ones(len(origins), 1, side, side)
-            for i, (y, x) in enumerate(origins.tolist()):
-                masks[i, :, y : y + p, x : x + p] = 0
             scores = []
             for part in range(0, len(origins), chunk):
-                m = masks[part : part + chunk]
-                batch = image.expand(len(m), -1, -1, -1).contiguous(memory_format=torch.channels_last)
-                g = self.global_net(batch, m.contiguous(memory_format=torch.channels_last))  # 1.4x faster on CPU
+                g = self.global_net.masked_patch_features(image, origins[part : part + chunk], p, incremental)
                 scores.append(self.patch_scores(g, self.local_net(patches[part : part + chunk])))
-            maps.append(idw_map(torch.cat(scores)[None], origins.float() + (p - 1) / 2, side, self.idw_power))
+            maps.append((torch.cat(scores)[None] @ self._idw_weights(origins).T).view(1, side, side))
         fused = torch.cat(maps)[:, None]
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 

@@ -2,6 +2,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from metaad.cli.main import main
 
@@ -63,6 +64,14 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     # without --image-size, test loads the images at the size the run was fitted at (64 px, from config.json)
     tested = json.loads((run / "test" / "metrics.json").read_text())
     assert tested["image_auroc"] == metrics["image_auroc"] and tested["pro"] == metrics["pro"]
+    data = ["--data", str(synthetic_root), "--category", "weave"]
+    assert main(["test", "--run", str(run), *data, "--device", "auto", "--out", str(tmp_path / "auto")]) == 0
+    on_auto = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert on_auto["image_auroc"] == metrics["image_auroc"]
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main(["test", "--run", str(run), *data, "--device", "cuda", "--out", str(tmp_path / "cuda")]) != 0
+        assert "torch sees no CUDA device" in capsys.readouterr().err
 
     out = tmp_path / "pred"
     assert (

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from metaad.cli.deploy import DEVICES
 from metaad.models import MODELS, REGISTRY
 
 
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     test.add_argument("--run", required=True, help="run folder written by 'metaad fit'")
     _add_data_args(test, data_help="data root (default: the data the run was fitted on, from RUN/config.json)")
     test.add_argument("--out", default=None, help="report folder (default: RUN/test)")
+    test.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
     _add_output_args(test)
     test.set_defaults(handler=run_test)
 
@@ -77,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tile-overlap", type=float, default=0.25, metavar="F", help="share of a tile its neighbours overlap"
     )
     predict.add_argument("--threads", type=int, default=None)
+    predict.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
     _add_output_args(predict)
     predict.set_defaults(handler=run_predict)
 
@@ -295,6 +298,7 @@ def run_models(args: argparse.Namespace) -> int:
 def run_test(args: argparse.Namespace) -> int:
     from metaad.data.datasets import AnomalyDataset
     from metaad.engine.checkpoint import load_model
+    from metaad.engine.device import on_device
     from metaad.engine.evaluation import compute_metrics, predict_dataset
     from metaad.engine.report import write_report
     from metaad.engine.run import read_config, read_thresholds, run_image_size
@@ -302,7 +306,7 @@ def run_test(args: argparse.Namespace) -> int:
     recorded = read_config(args.run)
     out = Path(args.out) if args.out else Path(args.run) / "test"
     _check_out_folder(out, "a report")
-    model = load_model(args.run)
+    model = on_device(load_model(args.run), args.device)
     skip = _setting(args, "skip_bad_files", recorded)
     dataset = AnomalyDataset(
         _data_spec(args, recorded.get("data")).records("test"), run_image_size(args.run, args.image_size),
@@ -340,7 +344,7 @@ def run_predict(args: argparse.Namespace) -> int:
         )
     summary = predict_images(
         args.run, files, out, args.threshold, args.image_size, args.batch_size, args.tile, args.tile_overlap,
-        progress=not (quiet or args.no_progress),
+        progress=not (quiet or args.no_progress), device=args.device,
     )
     for path, error in summary.errors:
         print(f"metaad predict: could not score {error if str(path) in error else f'{path}: {error}'}", file=sys.stderr)

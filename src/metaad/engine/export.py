@@ -24,6 +24,7 @@ from torch import nn
 
 import metaad
 from metaad.engine.checkpoint import load_model
+from metaad.engine.device import select_device
 from metaad.engine.run import read_threshold, run_image_size
 from metaad.io import atomic_write, read_json
 from metaad.models import get_config, registered_name
@@ -43,17 +44,6 @@ class ExportWrapper(nn.Module):
         hook = getattr(self.model, "export_forward", None)
         scores, maps = hook(images) if hook is not None else self.model.predict(images)
         return scores.float(), maps.float()
-
-
-def select_device(name: str = "cpu") -> torch.device:
-    """``cpu``, ``cuda`` or ``auto`` (cuda when available) as a torch device; asking for a missing GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
 
 
 def export_onnx(

@@ -22,6 +22,7 @@ from PIL import Image
 from metaad.data.datasets import DataError, open_image
 from metaad.data.transforms import pil_to_tensor
 from metaad.engine.checkpoint import load_model
+from metaad.engine.device import on_device
 from metaad.engine.run import read_config, read_thresholds, run_image_size
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -44,9 +45,11 @@ class ImageResult:
 class Run:
     """A fitted run folder: its model, thresholds and image size. Build it with :func:`load_run`."""
 
-    def __init__(self, folder: str | Path, threshold: float | None = None, image_size: int | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu"
+    ) -> None:
         self.folder = Path(folder)
-        self.model = load_model(self.folder)
+        self.model = on_device(load_model(self.folder), device)
         self.config = read_config(self.folder)
         self.thresholds = read_thresholds(self.folder)
         self.threshold: float | None = threshold if threshold is not None else self.thresholds.get("threshold")
@@ -168,9 +171,12 @@ class Run:
         )
 
 
-def load_run(folder: str | Path, threshold: float | None = None, image_size: int | None = None) -> Run:
-    """Load a run folder written by ``metaad fit`` (``threshold`` overrides its calibrated one)."""
-    return Run(folder, threshold, image_size)
+def load_run(
+    folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu"
+) -> Run:
+    """Load a run folder written by ``metaad fit`` (``threshold`` overrides its calibrated one; ``device``:
+    cpu, cuda or auto, where the model runs)."""
+    return Run(folder, threshold, image_size, device)
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:

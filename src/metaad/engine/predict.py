@@ -44,6 +44,7 @@ def predict_images(
     tile: int | None = None,
     tile_overlap: float = 0.25,
     progress: bool = True,
+    device: str = "cpu",
 ) -> PredictSummary:
     """Write ``predictions.csv`` (one row per image: score, normalised score with the threshold at 0.5,
     decision, or the error that kept it from being scored), ``heatmaps/NAME.png`` (16-bit, one colour scale
@@ -51,7 +52,7 @@ def predict_images(
     the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size."""
     out = Path(out)
     if not isinstance(run, Run):
-        run = Run(run, threshold, image_size)
+        run = Run(run, threshold, image_size, device)
     summary = PredictSummary(threshold=run.threshold, csv=out / "predictions.csv")
     rows: list[dict] = []
     names: set[str] = set()

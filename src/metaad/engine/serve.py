@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
@@ -25,7 +24,7 @@ from pydantic import BaseModel
 
 import metaad
 from metaad.data.transforms import pil_to_tensor
-from metaad.engine.export import select_device
+from metaad.engine.device import select_device
 from metaad.engine.inference import Run
 from metaad.io import read_json
 
@@ -57,25 +56,11 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any]
 
 
-class _OnDevice:
-    """The model's ``predict`` with inputs moved to ``device`` and outputs back to the CPU."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.model = model.to(device)
-        self.device = device
-
-    def predict(self, images: torch.Tensor):
-        scores, maps = self.model.predict(images.to(self.device))
-        return scores.cpu(), maps.cpu()
-
-
 def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     """The service for run folder ``run`` (model loaded now, once)."""
     run = Path(run)
-    loaded = Run(run)
+    loaded = Run(run, device=device)
     target = select_device(device)
-    if target.type != "cpu":
-        loaded.model = _OnDevice(loaded.model, target)
     metrics_path = run / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     info = ModelInfo(

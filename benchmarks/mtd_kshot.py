@@ -3,6 +3,8 @@
     python benchmarks/mtd_kshot.py --model patchcore
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu --init universal-cpu
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu            # random init, same budget
+    python benchmarks/mtd_kshot.py --model metaformer --preset cpu --init universal-cpu --param map_type=feature \
+        --name metaformer_cpu_universal-cpu_feature
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu --configuration A \
         --init benchmarks/_work/metaformer_universal_cpu_A/universal.safetensors --name metaformer_cpu_A_meta
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import REPO, record, require_data
+from common import REPO, parse_param, record, require_data
 from metaad.engine.run import DataSpec, fit_and_evaluate, set_threads
 from metaad.models import create_model
 
@@ -27,6 +29,8 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", default=["1", "2", "4", "8", "16", "all"])
     parser.add_argument("--configuration", default=None, help="metaformer: Table 3 variant (A, A+P, A+P+T)")
     parser.add_argument("--name", default=None, help="run name (default: built from model, preset and init)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="another constructor argument, e.g. map_type=feature (name the run with --name)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -34,6 +38,7 @@ def main() -> None:
     params = {"init": args.init} if args.init else {}
     if args.configuration:
         params["configuration"] = args.configuration
+    params.update(parse_param(item) for item in args.param)
     run = args.name or "_".join(
         filter(None, [args.model, args.preset, args.init or ("random-init" if args.model == "metaformer" else None)])
     )

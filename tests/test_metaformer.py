@@ -117,6 +117,28 @@ def test_configuration_and_size_are_checked():
         Metaformer(image_size=100)
 
 
+def test_feature_map_keeps_the_state_dict_and_sees_a_feature_gap():
+    plain = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, map_type="l2")
+    feature = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, map_type="feature")
+    assert plain.state_dict().keys() == feature.state_dict().keys()  # the frozen backbone is kept apart
+    images = _images(2)
+    maps = feature.predict(images).maps
+    assert maps.shape == (2, *images.shape[-2:]) and torch.isfinite(maps).all()
+
+    class Exact(nn.Module):  # Î = I: no gap anywhere
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(()))
+
+        def forward(self, images):
+            return images
+
+    feature.autoencoder = Exact()
+    assert feature.predict(images).scores.abs().max() < 1e-4
+    with pytest.raises(ValueError, match="map_type"):
+        Metaformer(map_type="ssim")
+
+
 def test_injected_prior_is_used():
     model = Metaformer(configuration="A+P", width_multiplier=1 / 16, image_size=32)
 

@@ -82,6 +82,9 @@ def main() -> None:
         "export_check": metadata["export_check"],
         "onnx_vs_metaad": {
             "max_relative_score_difference": float(relative.max()),
+            "median_relative_score_difference": float(np.median(relative)),
+            "images_over_1e-4": int(np.sum(relative > 1e-4)),
+            "worst_image": str(data.records[int(relative.argmax())].path),
             "identical_decisions": bool(np.array_equal(onnx_scores > threshold, exact_scores > threshold)),
             "decisions_differing": int(np.sum((onnx_scores > threshold) != (exact_scores > threshold))),
             "max_map_difference": float(np.abs(onnx_maps - exact_maps).max()),

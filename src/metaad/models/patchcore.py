@@ -311,7 +311,7 @@ class PatchCore(nn.Module):
         return gaussian_blur(upsampled, self.blur_sigma)[:, 0]
 
     # -------------------------------------------------------------------------------------------- export
-    EXPORT_CHUNK: ClassVar[int] = 16384  # bank rows per matrix product in ``export_forward`` (bounds its memory)
+    EXPORT_CHUNK: ClassVar[int] = 4096  # bank rows per matrix product in ``export_forward`` (bounds its memory)
 
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``predict`` in plain tensor operations for ONNX export (``metaad.types``): the faiss search becomes an

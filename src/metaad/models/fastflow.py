@@ -208,8 +208,7 @@ class FastFlow(nn.Module):
         """Train the layer norms and flows on defect-free images with the shared loop (``metaad.training``)."""
         images = TrainImages.from_data(train)
         if self.standardize_images == "auto":
-            chunks = (images[index] for index in torch.arange(len(images)).split(64))
-            self.exposure_variation = torch.tensor(exposure_variation(chunks))
+            self.exposure_variation = torch.tensor(exposure_variation(images.batches()))
         return train_model(self, images, progress=progress, workdir=workdir, resume=resume)
 
     # ------------------------------------------------------------------------------------------- predict

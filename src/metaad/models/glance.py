@@ -11,7 +11,7 @@ fused into a map by inverse-distance weighting, p = 5 (C.1) → image score = th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -61,26 +61,22 @@ class GlobalNet(nn.Module):
             layers.append(PartialConv2d(channels, out, kernel, stride))
             channels = out
         self.layers = nn.ModuleList(layers)
+        # (kernel, stride) of each stage: PartialConv0, MaxPool, then SPEC
+        self.stage_windows = [(7, 2), (3, 2)] + [(kernel, stride) for _, kernel, stride in self.SPEC]
 
-    def _stages(self) -> list[tuple[int, int, Callable]]:
-        """(kernel, stride, op) per stage; op maps (x, mask) -> (x, mask) with its activation included."""
-        last = len(self.layers) - 1
-
-        def conv(layer: PartialConv2d, relu: bool) -> Callable:
-            def op(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                y, new_mask = layer(x, mask)
-                return (F.relu(y) if relu else y), new_mask
-            return op
-
-        stages = [(7, 2, conv(self.first, True)), (3, 2, lambda x, m: masked_max_pool(x, m, 3, 2))]
-        for i, layer in enumerate(self.layers):
-            stages.append((layer.kernel_size[0], layer.stride[0], conv(layer, i < last)))
-        return stages
+    def _stage(self, index: int, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage ``index`` of ``stage_windows``: PartialConv0 + ReLU, the masked max pool, then Table 2's layers
+        (ReLU after all but the last)."""
+        if index == 1:
+            return masked_max_pool(x, mask, 3, 2)
+        layer = self.first if index == 0 else self.layers[index - 2]
+        y, mask = layer(x, mask)
+        return (y if index == len(self.stage_windows) - 1 else F.relu(y)), mask
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = images
-        for _, _, op in self._stages():
-            x, mask = op(x, mask)
+        for index in range(len(self.stage_windows)):
+            x, mask = self._stage(index, x, mask)
         return x.mean((2, 3))
 
     def masked_patch_features(
@@ -100,11 +96,10 @@ class GlobalNet(nn.Module):
                 masks[i, :, y : y + patch, x : x + patch] = 0
             batch = image.expand(len(origins), -1, -1, -1).contiguous(memory_format=torch.channels_last)
             return self(batch, masks.contiguous(memory_format=torch.channels_last))  # 1.4x faster on CPU
-        stages = self._stages()
         x, mask = image[None], image.new_ones(1, 1, *image.shape[-2:])
         cache = [(x[0], mask[0])]
-        for _, _, op in stages:
-            x, mask = op(x, mask)
+        for index in range(len(self.stage_windows)):
+            x, mask = self._stage(index, x, mask)
             cache.append((x[0], mask[0]))
         n = len(origins)
         lo, hi = origins, origins + patch - 1  # the changed box, inclusive, per square
@@ -113,7 +108,7 @@ class GlobalNet(nn.Module):
         cols = origins[:, 1:] + torch.arange(patch)
         region = image[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # pixels unchanged …
         region_mask = image.new_zeros(n, 1, patch, patch)  # … but hidden
-        for level, (kernel, stride, op) in enumerate(stages, start=1):
+        for level, (kernel, stride) in enumerate(self.stage_windows, start=1):
             size = cache[level][0].shape[-1]
             lo = torch.div(lo - kernel + 1 + stride - 1, stride, rounding_mode="floor").clamp(min=0)
             hi = torch.div(hi, stride, rounding_mode="floor").clamp(max=size - 1)
@@ -125,7 +120,7 @@ class GlobalNet(nn.Module):
             mask_window = _gather_windows(cache[level - 1][1], start, window)
             x_window = _paste(x_window, region, box_origin - start)
             mask_window = _paste(mask_window, region_mask, box_origin - start)
-            region, region_mask = op(x_window, mask_window)
+            region, region_mask = self._stage(level - 1, x_window, mask_window)
             box_origin = new_origin
         final = cache[-1][0].expand(n, -1, -1, -1)
         return _paste(final, region, box_origin).mean((2, 3))
@@ -449,14 +444,14 @@ class Glance(nn.Module):
         distance = (1 - F.cosine_similarity(global_features, local_features, dim=1)) / 2
         return self.lambda_s * mismatch + (1 - self.lambda_s) * distance
 
-    def _idw_weights(self, origins: torch.Tensor) -> torch.Tensor:
-        """The grid's IDW weights at image_size (patch centres as points), computed once."""
-        key = (self.image_size, self.grid, self.idw_power)
-        centres = origins.float() + (self.patch_size - 1) / 2
-        if not torch.is_inference_mode_enabled():  # tracing for export: a cached inference tensor cannot enter
-            return idw_weights(centres, self.image_size, self.idw_power)
+    def _idw_weights(self) -> torch.Tensor:
+        """The grid's IDW weights at image_size (patch centres as points), computed once, as an ordinary tensor
+        (not an inference tensor), so that export tracing can use the cache too."""
+        key = (self.image_size, self.patch_size, self.grid, self.idw_power)
         if self._idw_cache is None or self._idw_cache[0] != key:
-            self._idw_cache = (key, idw_weights(centres, self.image_size, self.idw_power))
+            with torch.inference_mode(False), torch.no_grad():
+                centres = grid_origins(self.image_size, self.patch_size, self.grid).float() + (self.patch_size - 1) / 2
+                self._idw_cache = (key, idw_weights(centres, self.image_size, self.idw_power))
         return self._idw_cache[1]
 
     @torch.inference_mode()
@@ -485,7 +480,7 @@ class Glance(nn.Module):
             for part in range(0, len(origins), chunk):
                 g = self.global_net.masked_patch_features(image, origins[part : part + chunk], p, incremental)
                 scores.append(self.patch_scores(g, self.local_net(patches[part : part + chunk])))
-            maps.append((torch.cat(scores)[None] @ self._idw_weights(origins).T).view(1, side, side))
+            maps.append((torch.cat(scores)[None] @ self._idw_weights().T).view(1, side, side))
         fused = torch.cat(maps)[:, None]
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 

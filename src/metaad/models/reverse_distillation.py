@@ -274,8 +274,7 @@ class ReverseDistillation(nn.Module):
         """Train the bottleneck and the decoder on defect-free images (the teacher stays frozen)."""
         train = TrainImages.from_data(train)
         if self.standardize_images == "auto":
-            chunks = (train[index] for index in torch.arange(len(train)).split(64))
-            self.exposure_variation = torch.tensor(exposure_variation(chunks))
+            self.exposure_variation = torch.tensor(exposure_variation(train.batches()))
         train_model(self, train, progress=progress, workdir=workdir, resume=resume)
         self.fitted.fill_(True)
         return self.eval()

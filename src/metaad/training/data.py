@@ -51,3 +51,7 @@ class TrainImages:
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
         batch = self.images[index]
         return batch.float().div_(255) if batch.dtype == torch.uint8 else batch.clone()
+
+    def batches(self, size: int = 64) -> Iterable[torch.Tensor]:
+        """The images in order, ``size`` at a time, in [0, 1] (for one pass of statistics over them)."""
+        return (self[index] for index in torch.arange(len(self)).split(size))

@@ -102,5 +102,10 @@ def test_readme_examples_run(walkthrough_folder, monkeypatch, capsys):
     assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pro"] <= 1
     assert "report folder: reports/parts" in output
     assert any((walkthrough_folder / "reports/parts/worst").glob("*_scratch_*.png"))
+    # every method's example fitted and evaluated a run
+    for run in ("rd", "fastflow", "draem", "ssim_ae", "multiscale", "glance", "metaformer"):
+        metrics = json.loads((walkthrough_folder / "runs" / run / "metrics.json").read_text())
+        assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pro"] <= 1, run
+    assert json.loads((walkthrough_folder / "runs/ssim_ae/config.json").read_text())["params"]["map_type"] == "ssim"
     # the Python example printed a line per image and the thresholds
     assert "incoming/part_1.jpg" in output and "<array 2>" in output and "pixel threshold" in output

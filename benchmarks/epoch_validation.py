@@ -5,10 +5,10 @@
 Generic over the registry: any gradient-trained method (``metaad.types.TrainableModel``). The defect-free MTD
 training split is divided (seeded, ``patchcore_validation``'s protocol) into a fit part (80%) and a validation
 part (20%); every validation image is scored as it is and once with a synthetic defect (``--defects``, used in
-turn). The model is trained once on the fit part with the shared loop (``metaad.training.train_model``), and
-every ``--every``-th epoch (and the last) it scores the validation images: image AUROC, pixel AUROC, PRO per
-epoch, with the training loss and the seconds spent training. No test image is read. The figures go to
-``benchmarks/results/epoch_validation_<model>[_<name>].json`` (rewritten after every validated epoch).
+turn). The model is fitted once on the fit part with its own ``fit`` (the shared loop), and every
+``--every``-th epoch (and the last) of its last training stage it scores the validation images: image AUROC,
+pixel AUROC, PRO per epoch, with the training loss and the seconds spent training. No test image is read. The
+figures go to ``benchmarks/results/epoch_validation_<model>[_<name>].json`` (rewritten after every validated epoch).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from metaad.data.transforms import denormalize, pil_to_tensor
 from metaad.engine.run import loading_size, set_threads, split_calibration
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
-from metaad.training import train_model
+from metaad.training import epoch_end_hook
 from metaad.types import TrainableModel, model_params
 from patchcore_validation import validation_set
 
@@ -78,6 +78,8 @@ def main() -> None:
     start = time.perf_counter()
 
     def validate(epoch: int, trained: TrainableModel) -> None:
+        if not bool(getattr(trained, "fitted", True)):  # a stage before the one being validated (Glance)
+            return
         if epoch % args.every and epoch != args.epochs:
             return
         train_seconds = time.perf_counter() - start - sum(c["validation_seconds"] for c in curve)
@@ -101,7 +103,8 @@ def main() -> None:
             "best_epoch_by_image_auroc": best["epoch"], "curve": curve,
         })
 
-    train_model(model, fit_images, workdir=workdir, on_epoch_end=validate)
+    with epoch_end_hook(validate):
+        model.fit(fit_images, workdir=workdir)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ while true; do
   log=${line%%$'\t'*}; command=${line#*$'\t'}
   echo "$(date -u +%FT%TZ) start $log" >> "$queue.status"
   flock /tmp/metaad_bench.lock bash -c ". .venv/bin/activate && $command" >> "benchmarks/logs/$log.log" 2>&1
-  echo "$(date -u +%FT%TZ) end $log rc=$?" >> "$queue.status"
+  rc=$?
+  echo "$(date -u +%FT%TZ) end $log rc=$rc" >> "$queue.status"
   echo "$line" >> "$queue.done"
 done

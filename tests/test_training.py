@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from metaad.io import load_tensors, save_tensors
-from metaad.training import train_model
+from metaad.training import epoch_end_hook, train_model
 from metaad.training.data import TrainImages
 from metaad.types import AnomalyPrediction, TrainableModel, TrainingSettings
 
@@ -77,6 +77,15 @@ def test_training_reduces_the_loss_and_writes_log_and_curve(tmp_path):
     assert log[2]["lr"] == pytest.approx(5e-3)  # ×0.5 after half of the epochs
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
     assert not model.training
+
+
+def test_epoch_end_hook_sees_every_epoch_of_every_fit_inside_its_block_only():
+    seen = []
+    with epoch_end_hook(lambda epoch, model: seen.append(epoch)):
+        TinyReconstructor(epochs=2).fit(_images())
+        TinyReconstructor(epochs=3).fit(_images())  # a second stage restarts the count
+    TinyReconstructor(epochs=2).fit(_images())
+    assert seen == [1, 2, 1, 2, 3]
 
 
 def test_killed_and_resumed_training_is_bit_identical_to_an_uninterrupted_one(tmp_path):

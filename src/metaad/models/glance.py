@@ -245,10 +245,17 @@ class Glance(nn.Module):
     the batch. Global loss: cross-entropy of the DAD head on (G(I∖p), L(p)) = match and (G(I∖p), L(p⁻)) =
     mismatch + λt max(0, ‖g − L(p)‖ − ‖g − L(p⁻)‖ + margin). The teacher is frozen with its own normalisation.
 
+    A metaad addition, not in the supplementary: after distillation the Local-Net's descriptors are standardised
+    per dimension (mean and std over random training patches, kept as buffers) before the Global-Net and the
+    DAD head see them. Distilled descriptors spread by about 0.01 per dimension (MTD), and a head fed inputs that
+    small stayed at chance (cross-entropy ln 2) for a whole CPU-budget training; standardised, a stained
+    patch lies far from clean ones and the head learns within a few hundred steps (``benchmarks/NOTES.md``).
+
     Presets: ``"paper"`` (C.1's settings with the paper's iteration counts as epochs of 762 images: long),
     ``"cpu"`` (what fits ~20 minutes on 2 cores) and ``"tiny"`` (tests).
     """
 
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"descriptor_mean": None, "descriptor_std": None}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"local_epochs": 1050, "global_epochs": 16800, "local_batch_size": 16, "batch_size": 64},
         "cpu": {"local_epochs": 4, "global_epochs": 8},
@@ -319,6 +326,8 @@ class Glance(nn.Module):
             self.decoder = nn.Linear(128, self.teacher.channels[0])
             self.global_net = GlobalNet()
             self.dad_head = DADHead(dad_lr_ratio)
+        self.register_buffer("descriptor_mean", torch.zeros(128))
+        self.register_buffer("descriptor_std", torch.ones(128))
         self.register_buffer("fitted", torch.tensor(False))
         self._stage = "local"
         self._epochs = local_epochs
@@ -382,7 +391,7 @@ class Glance(nn.Module):
         patches, full, mask = self._patch_and_image(images)
         negatives = patches.roll(1, 0) if self.one_class else random_stains(patches)
         with torch.no_grad():
-            positive, negative = self.local_net(torch.cat([patches, negatives])).chunk(2)
+            positive, negative = self.local_features(torch.cat([patches, negatives])).chunk(2)
         g = self.global_net(full, mask)
         logits = self.dad_head(torch.cat([g, g]), torch.cat([positive, negative]))
         labels = torch.cat([torch.ones(len(g)), torch.zeros(len(g))]).long()
@@ -419,12 +428,32 @@ class Glance(nn.Module):
                 self._train_stage("pretrain", self.pretrain_epochs, general, progress, workdir, resume)
             if self.local_epochs > 0:
                 self._train_stage("local", self.local_epochs, images, progress, workdir, resume)
+            self._fit_descriptor_statistics(images)
+            self.fitted.fill_(True)  # predict works during the last stage too (validation along it)
             self._train_stage("global", self.global_epochs, images, progress, workdir, resume)
         finally:
             self.requires_grad_(True)
             self.teacher.requires_grad_(False)
         self.fitted.fill_(True)
         return self.eval()
+
+    @torch.no_grad()
+    def _fit_descriptor_statistics(self, images: TrainImages, patches_per_image: int = 4) -> None:
+        """Per-dimension mean and std of the distilled Local-Net's descriptors over random training patches
+        (seeded), which ``local_features`` removes."""
+        self.local_net.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 3)
+            descriptors = torch.cat([
+                self.local_net(self._patch_and_image(batch)[0])
+                for _ in range(patches_per_image) for batch in images.batches(64)
+            ])
+        self.descriptor_mean.copy_(descriptors.mean(0))
+        self.descriptor_std.copy_(descriptors.std(0).clamp_min(1e-6) if len(descriptors) > 1 else 1.0)
+
+    def local_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The Local-Net's descriptors, standardised per dimension with the training patches' statistics."""
+        return (self.local_net(patches) - self.descriptor_mean) / self.descriptor_std
 
     def _load_folders(self) -> torch.Tensor:
         """The images of ``pretrain_folders`` at image_size, as uint8 (decoded once)."""
@@ -468,7 +497,7 @@ class Glance(nn.Module):
         full = self._resize(images, self.image_size)
         if self.one_class:
             g = self.global_net(full, full.new_ones(full.shape[0], 1, *full.shape[-2:]))
-            scores = self.patch_scores(g, self.local_net(self._resize(images, self.patch_size)))
+            scores = self.patch_scores(g, self.local_features(self._resize(images, self.patch_size)))
             return scores[:, None, None].expand(-1, *images.shape[-2:]).clone()
         side, p = self.image_size, self.patch_size
         origins = grid_origins(side, p, self.grid)
@@ -479,7 +508,7 @@ class Glance(nn.Module):
             scores = []
             for part in range(0, len(origins), chunk):
                 g = self.global_net.masked_patch_features(image, origins[part : part + chunk], p, incremental)
-                scores.append(self.patch_scores(g, self.local_net(patches[part : part + chunk])))
+                scores.append(self.patch_scores(g, self.local_features(patches[part : part + chunk])))
             maps.append((torch.cat(scores)[None] @ self._idw_weights().T).view(1, side, side))
         fused = torch.cat(maps)[:, None]
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

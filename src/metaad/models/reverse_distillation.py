@@ -254,6 +254,7 @@ class ReverseDistillation(nn.Module):
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L_KD (§3.3): the sum over scales of 1 − cosine similarity (see ``loss`` for the two forms)."""
+        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         teacher, student = self(images)
         total = images.new_zeros(())
         for t, s in zip(teacher, student, strict=True):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,20 @@ CHECKPOINT = "checkpoint.safetensors"
 PROGRESS = "checkpoint.json"
 LOSS_LOG = "train_log.jsonl"
 LOSS_CURVE = "loss_curve.png"
+
+
+_EPOCH_END_HOOKS: list[Callable[[int, TrainableModel], None]] = []
+
+
+@contextmanager
+def epoch_end_hook(hook: Callable[[int, TrainableModel], None]) -> Iterator[None]:
+    """Call ``hook(epoch, model)`` after every epoch of every ``train_model`` inside the ``with`` block, as
+    ``on_epoch_end`` is: so a harness can validate along a method's own ``fit`` (several stages included)."""
+    _EPOCH_END_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _EPOCH_END_HOOKS.remove(hook)
 
 
 def distributed_context() -> tuple[int, int]:
@@ -116,8 +131,8 @@ def train_model(
             with open(workdir / LOSS_LOG, "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
             _save_checkpoint(workdir, model, optimizer, schedule, epoch + 1, history, fingerprint)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, model)
+        for hook in ([on_epoch_end] if on_epoch_end is not None else []) + _EPOCH_END_HOOKS:
+            hook(epoch + 1, model)
             model.train()
     model.eval()
     if workdir is not None and rank == 0 and history:

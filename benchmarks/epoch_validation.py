@@ -77,11 +77,16 @@ def main() -> None:
     curve: list[dict] = []
     start = time.perf_counter()
 
-    def validate(epoch: int, trained: TrainableModel) -> None:
+    def validate(epoch: int, trained: TrainableModel, after_fit: bool = False) -> None:
         if not bool(getattr(trained, "fitted", True)):  # a stage before the one being validated (Glance)
             return
         if epoch % args.every and epoch != args.epochs:
             return
+        if not after_fit and not bool(getattr(trained, "fitted", False)):
+            try:  # a method whose fit ends with more than training (a memory bank) is validated after it
+                trained.predict(images[:1])
+            except RuntimeError:
+                return
         train_seconds = time.perf_counter() - start - sum(c["validation_seconds"] for c in curve)
         tic = time.perf_counter()
         prediction = trained.predict(images)
@@ -105,6 +110,8 @@ def main() -> None:
 
     with epoch_end_hook(validate):
         model.fit(fit_images, workdir=workdir)
+    if not curve or curve[-1]["epoch"] != args.epochs:
+        validate(args.epochs, model, after_fit=True)
 
 
 if __name__ == "__main__":

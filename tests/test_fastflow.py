@@ -41,8 +41,16 @@ def test_shapes_any_input_size_and_the_contract():
         assert z.shape[1:] == norm.normalized_shape and log_jac_det.shape == (2,)
     prediction = model.predict(torch.rand(3, 3, 50, 70))
     assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 50, 70)
-    assert torch.isfinite(prediction.maps).all() and (prediction.maps <= 0).all() and (prediction.maps >= -1).all()
+    assert torch.isfinite(prediction.maps).all() and (prediction.maps >= 0).all() and (prediction.maps <= 1).all()
     assert torch.equal(prediction.scores, prediction.maps.flatten(1).amax(1))
+    model.map_form = "negative"  # the reference code's −p: the same order, shifted by 1
+    negative = model.predict(torch.rand(3, 3, 50, 70, generator=torch.Generator().manual_seed(0)))
+    model.map_form = "complement"
+    complement = model.predict(torch.rand(3, 3, 50, 70, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(complement.maps, negative.maps + 1, rtol=0, atol=1e-6)
+    assert (negative.maps <= 0).all() and (negative.maps < 0).any()
+    with pytest.raises(ValueError, match="map_form"):
+        FastFlow(**{**TINY, "map_form": "log"})
     with pytest.raises(ValueError, match="image_size"):
         FastFlow(**{**TINY, "image_size": None})
 

@@ -110,3 +110,14 @@ def test_global_net_recomputing_only_the_hidden_patch_boxes_equals_masked_passes
         got = net.masked_patch_features(image, origins, 33)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(expected[0], expected[-1])  # the hidden patch matters
+
+
+def test_fitted_descriptors_are_standardised_for_the_global_stage():
+    train = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = create_model("glance", "tiny", global_epochs=1).fit(train)
+    assert not torch.equal(model.descriptor_std, torch.ones(128))  # fitted, not the constructed identity
+    torch.manual_seed(0)
+    patches = torch.cat([model._patch_and_image(model._resize(train, 256))[0] for _ in range(8)])
+    with torch.no_grad():
+        features = model.local_features(patches)
+    assert features.mean(0).abs().mean() < 0.5 and 0.5 < features.std(0).mean() < 1.5

@@ -6,7 +6,9 @@
 Exports the run, scores the test split with metaad and with onnxruntime, and reports the largest relative
 score difference, the decisions at the run's threshold (a run fitted without a calibration hold-out has none:
 then at the F1-max threshold of metaad's scores), the map difference and ms/image for each (``--threads``
-cores, batches of ``--batch`` images), in ``results/export_parity_<method>.json``.
+cores, batches of ``--batch`` images), in ``results/export_parity_<method>.json``. A method whose banks are
+searched with IVF (``ivf*`` buffers: multiscale_patch's large banks) is compared as PatchCore is: the export's
+exact search against metaad's exact search, the as-fitted IVF search beside it.
 
 PatchCore (``results/export_parity.json``) needs a run folder with a threshold (``metaad fit --model patchcore
 --data ../shared/data/mtd --param search=exact --out benchmarks/_work/mtd_patchcore_exact_export``); metaad
@@ -64,6 +66,10 @@ def main() -> None:
     images, labels = torch.cat(images), torch.cat(labels).numpy()
 
     patchcore = method == "patchcore"
+    as_fitted = None
+    if not patchcore and _ivf_buffers(model):  # the export searches exactly: compare with metaad's exact search
+        as_fitted = _metaad(model, images, args.batch, exact=None)
+        _empty_ivf_buffers(model)
     exact_scores, exact_maps, exact_ms = _metaad(model, images, args.batch, exact=True if patchcore else None)
     session = onnx_session(onnx_path, args.threads)
     onnx_scores, onnx_maps, onnx_ms = _onnx(session, images.numpy(), args.batch)
@@ -96,6 +102,17 @@ def main() -> None:
         "threads": args.threads,
         "batch": args.batch,
     }
+    if as_fitted is not None:
+        ivf_scores, _, ivf_ms = as_fitted
+        relative_ivf = np.abs(ivf_scores - exact_scores) / np.maximum(np.abs(exact_scores), 1e-12)
+        results["metaad_search"] = "exact (the IVF centroids emptied, as the export searches)"
+        results["ms_per_image"]["metaad_ivf"] = ivf_ms
+        results["ivf_vs_exact"] = {
+            "max_relative_score_difference": float(relative_ivf.max()),
+            "median_relative_score_difference": float(np.median(relative_ivf)),
+            "decisions_differing": int(np.sum((ivf_scores > threshold) != (exact_scores > threshold))),
+            "image_auroc_ivf": image_auroc(labels, ivf_scores),
+        }
     if not patchcore:
         print(results)
         record(f"export_parity_{method}", results)
@@ -130,6 +147,19 @@ def _metaad(model, images, batch, exact: bool | None):
         maps.append(prediction.maps)
     ms = 1000 * (time.perf_counter() - tic) / len(images)
     return torch.cat(scores).numpy(), torch.cat(maps).numpy(), ms
+
+
+def _ivf_buffers(model) -> list[str]:
+    """Names of the model's non-empty IVF centroid buffers (``ivf*``; empty means exact search)."""
+    return [name for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1].startswith("ivf") and
+            buffer.numel()]
+
+
+def _empty_ivf_buffers(model) -> None:
+    for name in _ivf_buffers(model):
+        owner, _, attribute = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        setattr(module, attribute, getattr(module, attribute).new_empty(0, getattr(module, attribute).shape[1]))
 
 
 def _f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> float:

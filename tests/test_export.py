@@ -20,14 +20,15 @@ pytest.importorskip("onnx")
 from metaad.engine.export import export_onnx, onnx_session, run_onnx  # noqa: E402
 
 SIZE = 64
+RUN_SIZE = 80  # the size a run loads images at, not a tiny model's own: the graph resizes inside
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _texture(n: int, seed: int) -> torch.Tensor:
+def _texture(n: int, seed: int, size: int = SIZE) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     pattern = 0.5 + 0.2 * torch.sin(xs / 3.0) * torch.cos(ys / 4.0)
-    images = pattern.expand(n, 3, SIZE, SIZE) + 0.02 * torch.randn(n, 3, SIZE, SIZE, generator=generator)
+    images = pattern.expand(n, 3, size, size) + 0.02 * torch.randn(n, 3, size, size, generator=generator)
     return images.clamp(0, 1)
 
 
@@ -51,12 +52,12 @@ NEEDS_EXPORT_FORWARD: dict[str, str] = {}
 )
 def test_onnx_matches_metaad(name, tmp_path):
     model = create_model(name, "tiny").fit(_texture(8, 0), workdir=tmp_path / "training").eval()
-    images = torch.cat([_texture(3, 1), _with_defect(_texture(3, 1))])
+    images = torch.cat([_texture(3, 1, RUN_SIZE), _with_defect(_texture(3, 1, RUN_SIZE))])
     expected = model.predict(images)
-    export_onnx(model, tmp_path / "model.onnx", SIZE, {"method": name})
+    export_onnx(model, tmp_path / "model.onnx", RUN_SIZE, {"method": name})
     scores, maps = run_onnx(onnx_session(tmp_path / "model.onnx"), images.numpy())
     reference = expected.scores.numpy()
-    assert scores.shape == (6,) and maps.shape == (6, SIZE, SIZE)
+    assert scores.shape == (6,) and maps.shape == (6, RUN_SIZE, RUN_SIZE)
     assert np.max(np.abs(scores - reference) / np.abs(reference)) < 1e-4, (scores, reference)
     ranked = np.sort(reference)
     widest = int(np.argmax(np.diff(ranked)))  # a threshold in the widest gap between two images' scores

@@ -438,3 +438,11 @@ def test_shipped_universal_model_loads_offline_and_adapts():
     prediction = model.fit(images).predict(images)
     assert prediction.scores.shape == (4,) and torch.isfinite(prediction.maps).all()
     assert any(not torch.equal(universal[k], v) for k, v in model.state_dict().items())  # adaptation moved θ
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 8, 9])
+def test_fixed_average_pool_equals_the_adaptive_one_of_table_1(side):
+    from metaad.models.metaformer import _average_pool_to_2x2
+
+    features = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(side))
+    torch.testing.assert_close(_average_pool_to_2x2(side)(features), torch.nn.AdaptiveAvgPool2d(2)(features))

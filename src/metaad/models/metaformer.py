@@ -52,6 +52,16 @@ def _scaled(channels: int, width_multiplier: float) -> int:
     return max(1, round(channels * width_multiplier))
 
 
+def _average_pool_to_2x2(side: int) -> nn.Module:
+    """``nn.AdaptiveAvgPool2d(2)`` for a known ``side`` × ``side`` input, as a fixed pool: the same windows
+    (side 2k: k wide, stride k; 2k + 1: k + 1 wide, stride k; 1: the value repeated), with static shapes that
+    the ONNX exporter can follow after an in-graph resize (the adaptive pool cannot be exported there)."""
+    if side == 1:
+        return nn.Upsample(scale_factor=2, mode="nearest")
+    half = side // 2
+    return nn.AvgPool2d(half + side % 2, stride=half)
+
+
 class Autoencoder(nn.Module):
     """A of the supplementary's Table 1: five 5×5 conv + BN + leaky ReLU + 2×2 max-pool stages (32→512),
     average pool to 2×2, then upsample + five 5×5 transposed convs back to the input size; sigmoid output.
@@ -73,7 +83,7 @@ class Autoencoder(nn.Module):
             encoder[f"act{i}"] = nn.LeakyReLU(negative_slope)
             encoder[f"pool{i}"] = nn.MaxPool2d(2)
             previous = width
-        encoder["avgpool"] = nn.AdaptiveAvgPool2d(2)
+        encoder["avgpool"] = _average_pool_to_2x2(image_size // 32)
         decoder: OrderedDict[str, nn.Module] = OrderedDict()
         # Table 1: 2×2 → 16×16 at 256 px, i.e. to image_size / 16, then ×2 before each of T.Conv2..5.
         decoder["up1"] = nn.Upsample(size=(image_size // 16, image_size // 16), mode="bilinear")

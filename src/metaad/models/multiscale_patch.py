@@ -98,9 +98,12 @@ class MultiScalePatch(nn.Module):
         fusion: "mult" (the scales' maps multiplied, as Patch SVDD's reference evaluation) or "sum".
         coreset_ratio: fraction of training patches kept per scale (greedy k-center, as PatchCore §3.2;
             1.0 keeps all, as the paper's exhaustive nearest-neighbour search does).
-        standardize_images: "never" (default, as the paper), "always" or "auto": PatchCore's exposure
+        standardize_images: "auto" (default), "always" or "never" (the paper preset): PatchCore's exposure
             standardisation (``metaad.data.transforms.standardize_intensity``) before the backbone; "auto" applies
-            it when the training images' mean brightness varies by more than 10% (measured at fit).
+            it when the training images' mean brightness varies by more than 10% (measured at fit; PatchCore's
+            rule). A metaad addition: on held-out MTD training images with synthetic surface defects
+            (``benchmarks/epoch_validation.py``, no test image) the paper setting's image AUROC went from 0.951
+            to 0.987 with it.
         epochs, batch_size, lr: Adam training (not given by the supplementary: Patch SVDD's lr 1e-4; 10 epochs
             of 762 Magnetic Tile images take about 10 minutes on 2 shared cores).
         seed: seeds the layers, the training order and sampling, the coreset and the search index.
@@ -119,7 +122,8 @@ class MultiScalePatch(nn.Module):
 
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {"standardize_images": "never", "exposure_variation": None}
     PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {"image_size": 128, "patch_sizes": (64, 32, 16), "layers": (3, 2, 1), "clusters": 50},
+        "paper": {"image_size": 128, "patch_sizes": (64, 32, 16), "layers": (3, 2, 1), "clusters": 50,
+                  "standardize_images": "never"},
         "cpu": {"image_size": 128, "epochs": 5},
         "tiny": {"image_size": 64, "patch_sizes": (32, 16), "layers": (2, 1), "epochs": 2, "batch_size": 4,
                  "clusters": 8, "coreset_ratio": 1.0},
@@ -140,7 +144,7 @@ class MultiScalePatch(nn.Module):
         anchors: int = 16,
         fusion: str = "mult",
         coreset_ratio: float = 0.1,
-        standardize_images: str = "never",
+        standardize_images: str = "auto",
         epochs: int = 10,
         batch_size: int = 16,
         lr: float = 1e-4,

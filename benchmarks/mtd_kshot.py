@@ -2,7 +2,7 @@
 
     python benchmarks/mtd_kshot.py --model patchcore
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu --init universal-cpu
-    python benchmarks/mtd_kshot.py --model metaformer --preset cpu            # random init, same budget
+    python benchmarks/mtd_kshot.py --model metaformer --preset cpu --init none  # random init, same budget
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu --init universal-cpu --param map_type=feature \
         --name metaformer_cpu_universal-cpu_feature
     python benchmarks/mtd_kshot.py --model metaformer --preset cpu --configuration A \
@@ -21,11 +21,21 @@ from metaad.engine.run import DataSpec, fit_and_evaluate, set_threads
 from metaad.models import create_model
 
 
+def _init_tag(model: str, preset: str | None, params: dict) -> str | None:
+    """Metaformer: what it adapts from (the universal model's name or path, or "random-init"); else None."""
+    if model != "metaformer":
+        return None
+    init = params["init"] if "init" in params else create_model(model, preset).init
+    return init if init is not None else "random-init"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="patchcore")
     parser.add_argument("--preset", default=None)
-    parser.add_argument("--init", default=None, help="metaformer: universal checkpoint or shipped name")
+    parser.add_argument("--init", default=None,
+                        help="metaformer: universal checkpoint, shipped name, or none (random init); default: the "
+                        "model's (the shipped universal model)")
     parser.add_argument("--shots", nargs="+", default=["1", "2", "4", "8", "16", "all"])
     parser.add_argument("--configuration", default=None, help="metaformer: Table 3 variant (A, A+P, A+P+T)")
     parser.add_argument("--name", default=None, help="run name (default: built from model, preset and init)")
@@ -35,13 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     root = require_data("mtd")
-    params = {"init": args.init} if args.init else {}
+    params = {"init": None if args.init == "none" else args.init} if args.init else {}
     if args.configuration:
         params["configuration"] = args.configuration
     params.update(parse_param(item) for item in args.param)
-    run = args.name or "_".join(
-        filter(None, [args.model, args.preset, args.init or ("random-init" if args.model == "metaformer" else None)])
-    )
+    run = args.name or "_".join(filter(None, [args.model, args.preset, _init_tag(args.model, args.preset, params)]))
     results = {}
     for shots in args.shots:
         k = None if shots == "all" else int(shots)

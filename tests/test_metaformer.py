@@ -31,7 +31,7 @@ from metaad.meta.maml import (
 from metaad.meta.tasks import build_meta_tasks, list_wild_images
 from metaad.models.metaformer import Metaformer
 
-TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias"}
+TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None}
 
 # Supplementary Table 1: (module name, output H = W, channels) at 256 px.
 TABLE1 = [
@@ -118,8 +118,8 @@ def test_configuration_and_size_are_checked():
 
 
 def test_feature_map_keeps_the_state_dict_and_sees_a_feature_gap():
-    plain = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, map_type="l2")
-    feature = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, map_type="feature")
+    plain = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, init=None, map_type="l2")
+    feature = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, init=None, map_type="feature")
     assert plain.state_dict().keys() == feature.state_dict().keys()  # the frozen backbone is kept apart
     images = _images(2)
     maps = feature.predict(images).maps
@@ -140,7 +140,7 @@ def test_feature_map_keeps_the_state_dict_and_sees_a_feature_gap():
 
 
 def test_injected_prior_is_used():
-    model = Metaformer(configuration="A+P", width_multiplier=1 / 16, image_size=32)
+    model = Metaformer(configuration="A+P", width_multiplier=1 / 16, image_size=32, init=None)
 
     class Half(nn.Module):
         def forward(self, images):
@@ -366,11 +366,11 @@ def test_checkpoint_resume_gives_the_same_state(tmp_path):
     assert '"epoch": 2' in progress
 
     universal = tmp_path / "straight/universal.safetensors"
-    adapted = Metaformer(**TINY, init=str(universal), adapt_epochs=0).fit(_images(2))
+    adapted = Metaformer(**{**TINY, "init": str(universal)}, adapt_epochs=0).fit(_images(2))
     for name, value in load_tensors(universal).items():
         torch.testing.assert_close(adapted.state_dict()[name], value, msg=name)
     with pytest.raises(ValueError, match="meta-trained with"):
-        Metaformer(**{**TINY, "configuration": "A"}, init=str(universal)).fit(_images(2))
+        Metaformer(**{**TINY, "configuration": "A", "init": str(universal)}).fit(_images(2))
 
 
 @pytest.mark.parametrize("shots", [1, 4])
@@ -378,13 +378,13 @@ def test_write_universal_then_fit_adapts_from_it_with_k_shots(tmp_path, shots):
     torch.manual_seed(0)
     model = Metaformer(**TINY)
     write_universal(tmp_path / "u.safetensors", model, MetaTrainConfig(), {})
-    adapted = Metaformer(**TINY, init=str(tmp_path / "u.safetensors"), adapt_epochs=2, lr=1e-2, batch_size=4)
+    adapted = Metaformer(**{**TINY, "init": str(tmp_path / "u.safetensors")}, adapt_epochs=2, lr=1e-2, batch_size=4)
     adapted.fit(_images(shots))
     changed = adapted.state_dict()["autoencoder.encoder.conv1.weight"]
     assert not torch.equal(changed, model.state_dict()["autoencoder.encoder.conv1.weight"])
     assert not adapted.training and adapted.predict(_images(2)).scores.isfinite().all()
     with pytest.raises(FileNotFoundError, match="no such universal checkpoint"):
-        Metaformer(**TINY, init=str(tmp_path / "missing.safetensors")).fit(_images(1))
+        Metaformer(**{**TINY, "init": str(tmp_path / "missing.safetensors")}).fit(_images(1))
 
 
 # -- detection -------------------------------------------------------------------------------------------------
@@ -397,6 +397,7 @@ def test_adapted_model_scores_a_bright_square_above_good_images(configuration):
         configuration=configuration,
         width_multiplier=1 / 8,
         image_size=32,
+        init=None,
         prior="center-bias",
         adapt_epochs=40,
         lr=1e-2,
@@ -431,7 +432,9 @@ def test_shipped_universal_model_loads_offline_and_adapts():
 
     if not SHIPPED_UNIVERSAL["universal-cpu"].is_file():
         pytest.skip("the universal model has not been meta-trained and shipped yet")
-    model = create_model("metaformer", preset="cpu", init="universal-cpu", adapt_epochs=1)
+    model = create_model("metaformer", adapt_epochs=1)  # the default adapts the shipped universal model
+    assert model.init == "universal-cpu" and create_model("metaformer", "cpu").init == "universal-cpu"
+    assert create_model("metaformer", "paper").init is None and create_model("metaformer", "paper").image_size == 256
     model.load_universal("universal-cpu")
     universal = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(4, 3, 64, 64)

@@ -404,6 +404,7 @@ def run_meta_training(
     model = Metaformer(
         configuration=configuration,
         prior=prior,
+        init=None,  # meta-training starts from scratch
         seed=seed,
         **{k: v for k, v in Metaformer.PRESETS[preset].items() if k in ARCHITECTURE_ARGS},
     )

@@ -182,28 +182,31 @@ class Metaformer(nn.Module):
     the paper map's 0.60 (``benchmarks/metaformer_map_validation.py``). Either is resized to the input size;
     the image score is its maximum. The backbone, like P, is frozen and kept out of ``state_dict``.
 
-    PRESETS: "paper" = the defaults (256 px, full width, §4 settings); "cpu" = 64 px, width 1/8, batch 16,
-    lr 1e-3, the size that the "cpu" meta-training preset produces.
+    The defaults (= preset "cpu") adapt the universal model shipped with metaad ("universal-cpu": 64 px,
+    width 1/8, batch 16, lr 1e-3, the size the "cpu" meta-training preset produces): Metaformer exists to
+    adapt a meta-trained model, so that is what ``metaad fit --model metaformer --shots K`` does. Random
+    initialisation is an explicit choice (``init=None``; ``--param init=null``). "paper" is §4: 256 px, full
+    width, batch 64, lr 1e-4, from ``init=None`` or a paper-preset universal model (``init=PATH``).
     """
 
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2"}
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {},
-        "cpu": {"width_multiplier": 0.125, "image_size": 64, "batch_size": 16, "lr": 1e-3},
-        "tiny": {"width_multiplier": 0.125, "image_size": 64, "adapt_epochs": 1, "batch_size": 4,
+        "paper": {"width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64, "lr": 1e-4},
+        "cpu": {},
+        "tiny": {"width_multiplier": 0.125, "image_size": 64, "init": None, "adapt_epochs": 1, "batch_size": 4,
                  "prior": "center-bias"},
     }
 
     def __init__(
         self,
         configuration: str = "A+P+T",
-        width_multiplier: float = 1.0,
-        image_size: int = 256,
-        init: str | None = None,
+        width_multiplier: float = 0.125,
+        image_size: int = 64,
+        init: str | None = "universal-cpu",
         adapt_epochs: int = 30,
-        lr: float = 1e-4,
-        batch_size: int = 64,
+        lr: float = 1e-3,
+        batch_size: int = 16,
         ssim_weight: float = 0.1,
         prior: str | None = None,
         smoothing_sigma: float = 4.0,

@@ -77,19 +77,17 @@ def main() -> None:
     curve: list[dict] = []
     start = time.perf_counter()
 
-    def validate(epoch: int, trained: TrainableModel, after_fit: bool = False) -> None:
-        if not bool(getattr(trained, "fitted", True)):  # a stage before the one being validated (Glance)
-            return
+    def validate(epoch: int, trained: TrainableModel) -> None:
         if epoch % args.every and epoch != args.epochs:
             return
-        if not after_fit and not bool(getattr(trained, "fitted", False)):
-            try:  # a method whose fit ends with more than training (a memory bank) is validated after it
-                trained.predict(images[:1])
-            except RuntimeError:
-                return
         train_seconds = time.perf_counter() - start - sum(c["validation_seconds"] for c in curve)
         tic = time.perf_counter()
-        prediction = trained.predict(images)
+        try:
+            prediction = trained.predict(images)
+        except RuntimeError as error:  # an earlier stage (Glance), or a bank built after training (multiscale)
+            if "not fitted" in str(error):
+                return
+            raise
         metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
         log = (workdir / "train_log.jsonl").read_text().splitlines()
         loss = json.loads(log[-1])["loss"] if log else None
@@ -111,7 +109,7 @@ def main() -> None:
     with epoch_end_hook(validate):
         model.fit(fit_images, workdir=workdir)
     if not curve or curve[-1]["epoch"] != args.epochs:
-        validate(args.epochs, model, after_fit=True)
+        validate(args.epochs, model)  # a method whose fit ends with more than training
 
 
 if __name__ == "__main__":

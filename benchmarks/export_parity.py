@@ -156,10 +156,12 @@ def _ivf_buffers(model) -> list[str]:
 
 
 def _empty_ivf_buffers(model) -> None:
+    """Empty every IVF centroid buffer: the model then searches its banks exactly, as the export does."""
     for name in _ivf_buffers(model):
         owner, _, attribute = name.rpartition(".")
-        module = model.get_submodule(owner) if owner else model
-        setattr(module, attribute, getattr(module, attribute).new_empty(0, getattr(module, attribute).shape[1]))
+        module = model.get_submodule(owner)
+        centroids = getattr(module, attribute)
+        setattr(module, attribute, centroids.new_empty(0, centroids.shape[1]))
 
 
 def _f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> float:

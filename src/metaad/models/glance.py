@@ -454,7 +454,7 @@ class Glance(nn.Module):
                 for _ in range(patches_per_image) for batch in images.batches(64)
             ])
         self.descriptor_mean.copy_(descriptors.mean(0))
-        self.descriptor_std.copy_(descriptors.std(0).clamp_min(1e-6) if len(descriptors) > 1 else 1.0)
+        self.descriptor_std.copy_(descriptors.std(0).clamp_min(1e-6))
 
     def local_features(self, patches: torch.Tensor) -> torch.Tensor:
         """The Local-Net's descriptors, standardised per dimension with the training patches' statistics."""

@@ -28,9 +28,14 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
             "coreset_ratio=0.2",
             "--param",
             'search="exact"',
+            "--device",
+            "auto",
         ]
     )
     assert code == 0
+    # auto: the GPU where torch sees one, else the CPU; the run records where it was fitted
+    fitted_on = json.loads((run / "config.json").read_text())["device"]
+    assert fitted_on == ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["image_auroc"] > 0.8 and 0 <= metrics["pro"] <= 1
     fitted = metrics["fitted"]  # the synthetic shots are evenly lit: "auto" leaves them unstandardised
@@ -71,6 +76,9 @@ def test_fit_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     if not torch.cuda.is_available():
         capsys.readouterr()
         assert main(["test", "--run", str(run), *data, "--device", "cuda", "--out", str(tmp_path / "cuda")]) != 0
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+        fit_cuda = ["fit", "--model", "patchcore", *data, "--out", str(tmp_path / "fit_cuda"), "--device", "cuda"]
+        assert main(fit_cuda) != 0
         assert "torch sees no CUDA device" in capsys.readouterr().err
 
     out = tmp_path / "pred"

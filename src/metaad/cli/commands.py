@@ -43,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument(
         "--resume", action="store_true", help="continue an interrupted fit from RUN/training (trained methods)"
     )
+    fit.add_argument(
+        "--device", default="cpu", choices=DEVICES,
+        help="where the model fits and scores (default cpu; auto: cuda when torch sees one)",
+    )
     _add_output_args(fit)
     fit.set_defaults(handler=run_fit)
 
@@ -88,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--preset", default=None)
     _add_data_args(bench)
     bench.add_argument("--out", required=True)
+    bench.add_argument("--device", default="cpu", choices=DEVICES, help="where the models fit and score (default cpu)")
     bench.set_defaults(handler=run_benchmark)
 
     models = subparsers.add_parser("models", help="list the methods: paper, presets, whether they train")
@@ -279,6 +284,7 @@ def run_fit(args: argparse.Namespace) -> int:
         progress=progress,
         resume=args.resume,
         preset=preset,
+        device=args.device,
     )
     if not args.quiet:
         _print_evaluation(metrics, out, "run folder")
@@ -389,6 +395,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             calibration_fraction=0.0,
             on_error="skip" if args.skip_bad_files else "raise",
             preset=args.preset,
+            device=args.device,
         )
     write_json(Path(args.out) / "benchmark.json", results)
     columns = ["image_auroc", "pixel_auroc", "pro", "fit_seconds", "ms_per_image", "peak_rss_mb"]

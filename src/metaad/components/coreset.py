@@ -41,8 +41,9 @@ def greedy_coreset(
     if not 0 < n_select <= n_points:
         raise ValueError(f"n_select must be in [1, {n_points}], got {n_select}")
     shards = max(1, min(shards, n_select))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_points, generator=generator)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same selection on every device
+    device = features.device
+    order = torch.randperm(n_points, generator=generator).to(device)
     per_shard = n_points // shards
     parts = order[: per_shard * shards].view(shards, per_shard)
     quota = torch.full((shards,), n_select // shards, dtype=torch.long)
@@ -51,12 +52,12 @@ def greedy_coreset(
         shards, parts, quota = 1, order.view(1, -1), torch.tensor([n_select])
     points = features[parts].float()  # (S, n, d)
     norms = points.square().sum(-1)  # (S, n)
-    start = torch.randint(points.shape[1], (shards,), generator=generator)
+    start = torch.randint(points.shape[1], (shards,), generator=generator).to(device)
     steps = int(quota.max())
-    chosen = torch.empty(shards, steps, dtype=torch.long)
+    chosen = torch.empty(shards, steps, dtype=torch.long, device=device)
     chosen[:, 0] = start
     min_dist = _squared_distances(points, norms, start)
-    rows = torch.arange(shards)
+    rows = torch.arange(shards, device=device)
     for step in range(1, steps):
         farthest = min_dist.argmax(dim=1)
         chosen[:, step] = farthest
@@ -68,6 +69,6 @@ def greedy_coreset(
 
 def _squared_distances(points: torch.Tensor, norms: torch.Tensor, centre_ids: torch.Tensor) -> torch.Tensor:
     """Squared distances (S, n) from every point of each shard to that shard's centre."""
-    centres = points[torch.arange(points.shape[0]), centre_ids]  # (S, d)
+    centres = points[torch.arange(points.shape[0], device=points.device), centre_ids]  # (S, d)
     cross = torch.bmm(points, centres.unsqueeze(-1)).squeeze(-1)  # (S, n)
     return (norms + norms.gather(1, centre_ids[:, None]) - 2.0 * cross).clamp_(min=0.0)

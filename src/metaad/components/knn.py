@@ -66,8 +66,8 @@ def train_ivf_centroids(bank: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """k-means coarse centroids for an IVF index over ``bank`` (N, D): 4·√N lists, as faiss recommends."""
     n_lists = int(4 * math.sqrt(bank.shape[0]))
     kmeans = faiss.Kmeans(bank.shape[1], n_lists, niter=20, seed=seed, max_points_per_centroid=64)
-    kmeans.train(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
-    return torch.from_numpy(kmeans.centroids.copy())
+    kmeans.train(np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32))
+    return torch.from_numpy(kmeans.centroids.copy()).to(bank.device)
 
 
 class NearestNeighbours:

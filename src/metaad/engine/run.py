@@ -39,6 +39,7 @@ from metaad.data.datasets import (
 )
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
 from metaad.engine.checkpoint import save_model
+from metaad.engine.device import on_device, select_device
 from metaad.engine.evaluation import compute_metrics, predict_dataset
 from metaad.engine.report import write_report
 from metaad.io import read_json, write_json
@@ -157,13 +158,18 @@ def fit_and_evaluate(
     progress: bool = True,
     resume: bool = False,
     preset: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Fit ``model`` on the training split, save it, set the thresholds, evaluate on the test split.
 
     Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. Trained methods
     checkpoint into ``out/training`` every epoch; ``resume`` continues an interrupted fit from there.
-    ``preset`` is only recorded in ``config.json`` (the model's parameters already include it).
+    ``preset`` is only recorded in ``config.json`` (the model's parameters already include it). ``device``
+    ("cpu", "cuda" or "auto", :func:`metaad.engine.device.select_device`) is where the model fits and scores;
+    images are decoded on the CPU and each method moves its batches to its own device; the model is saved
+    from the CPU.
     """
+    target = select_device(device)
     out = Path(out)
     image_size = loading_size(model, image_size)
     train_records = data.records("train")
@@ -189,9 +195,11 @@ def fit_and_evaluate(
             "skip_bad_files": on_error == "skip",
             "n_train": len(train_set),
             "n_test": len(test_set),
+            "device": str(target),
         },
     )
     tic = time.perf_counter()
+    model.to(target)
     model.fit(
         DataLoader(train_set, batch_size=batch_size, shuffle=False),
         progress=progress,
@@ -199,8 +207,10 @@ def fit_and_evaluate(
         resume=resume,
     )
     fit_seconds = time.perf_counter() - tic
-    model.eval()
+    model.eval().cpu()
     save_model(model, out / "model")
+    fitted = model
+    model = on_device(fitted, device)
     threshold = pixel_threshold = None
     (out / THRESHOLD_FILE).unlink(missing_ok=True)  # a refit without calibration must not keep an old one
     if calibration_records:
@@ -220,8 +230,8 @@ def fit_and_evaluate(
         ms_per_image_end_to_end=predictions.ms_per_image_end_to_end,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
-    if hasattr(model, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
-        metrics["fitted"] = model.fit_summary()
+    if hasattr(fitted, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
+        metrics["fitted"] = fitted.fit_summary()
     write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
     return metrics
 

@@ -179,7 +179,7 @@ def random_stains(patches: torch.Tensor, min_axis: float = 2.0, max_axis: float 
     """Each patch with one stain (C.1): a filled ellipse of random centre, axes, angle and colour (global RNG)."""
     b, _, h, w = patches.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=patches.dtype), torch.arange(w, dtype=patches.dtype), indexing="ij")
-    centre = torch.rand(b, 2) * torch.tensor([h - 1.0, w - 1.0])
+    centre = torch.rand(b, 2) * torch.tensor([h - 1.0, w - 1.0])  # drawn on the CPU: the same stains on any device
     axes = min_axis + torch.rand(b, 2) * (max_axis - min_axis)
     angle = torch.rand(b) * torch.pi
     dy, dx = ys - centre[:, 0, None, None], xs - centre[:, 1, None, None]
@@ -187,7 +187,7 @@ def random_stains(patches: torch.Tensor, min_axis: float = 2.0, max_axis: float 
     u, v = dx * cos + dy * sin, -dx * sin + dy * cos
     inside = ((u / axes[:, 1, None, None]) ** 2 + (v / axes[:, 0, None, None]) ** 2 <= 1).unsqueeze(1)
     colour = torch.rand(b, 3, 1, 1, dtype=patches.dtype)
-    return torch.where(inside, colour, patches)
+    return torch.where(inside.to(patches.device), colour.to(patches.device), patches)
 
 
 def grid_origins(image_size: int, patch_size: int, grid: int) -> torch.Tensor:
@@ -399,7 +399,7 @@ class Glance(nn.Module):
             positive, negative = self.local_features(torch.cat([patches, negatives])).chunk(2)
         g = self.global_net(full, mask)
         logits = self.dad_head(torch.cat([g, g]), torch.cat([positive, negative]))
-        labels = torch.cat([torch.ones(len(g)), torch.zeros(len(g))]).long()
+        labels = torch.cat([torch.ones(len(g)), torch.zeros(len(g))]).long().to(logits.device)
         triplet = F.relu((g - positive).norm(dim=1) - (g - negative).norm(dim=1) + self.margin).mean()
         return F.cross_entropy(logits, labels) + self.lambda_t * triplet
 
@@ -450,7 +450,7 @@ class Glance(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 3)
             descriptors = torch.cat([
-                self.local_net(self._patch_and_image(batch)[0])
+                self.local_net(self._patch_and_image(batch.to(self.descriptor_mean.device))[0])
                 for _ in range(patches_per_image) for batch in images.batches(64)
             ])
         self.descriptor_mean.copy_(descriptors.mean(0))
@@ -478,14 +478,14 @@ class Glance(nn.Module):
         distance = (1 - F.cosine_similarity(global_features, local_features, dim=1)) / 2
         return self.lambda_s * mismatch + (1 - self.lambda_s) * distance
 
-    def _idw_weights(self) -> torch.Tensor:
-        """The grid's IDW weights at image_size (patch centres as points), computed once, as an ordinary tensor
-        (not an inference tensor), so that export tracing can use the cache too."""
-        key = (self.image_size, self.patch_size, self.grid, self.idw_power)
+    def _idw_weights(self, device: torch.device) -> torch.Tensor:
+        """The grid's IDW weights at image_size (patch centres as points) on ``device``, computed once, as an
+        ordinary tensor (not an inference tensor), so that export tracing can use the cache too."""
+        key = (self.image_size, self.patch_size, self.grid, self.idw_power, device)
         if self._idw_cache is None or self._idw_cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 centres = grid_origins(self.image_size, self.patch_size, self.grid).float() + (self.patch_size - 1) / 2
-                self._idw_cache = (key, idw_weights(centres, self.image_size, self.idw_power))
+                self._idw_cache = (key, idw_weights(centres, self.image_size, self.idw_power).to(device))
         return self._idw_cache[1]
 
     @torch.inference_mode()
@@ -514,7 +514,7 @@ class Glance(nn.Module):
             for part in range(0, len(origins), chunk):
                 g = self.global_net.masked_patch_features(image, origins[part : part + chunk], p, incremental)
                 scores.append(self.patch_scores(g, self.local_features(patches[part : part + chunk])))
-            maps.append((torch.cat(scores)[None] @ self._idw_weights().T).view(1, side, side))
+            maps.append((torch.cat(scores)[None] @ self._idw_weights(image.device).T).view(1, side, side))
         fused = torch.cat(maps)[:, None]
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 

@@ -234,7 +234,7 @@ class MultiScalePatch(nn.Module):
             offset = DIRECTIONS[direction]
             anchor = z[image, :, y, x]
             position = classifier(anchor, z[image, :, y + far * offset[:, 0], x + far * offset[:, 1]])
-            total = total + F.cross_entropy(position, direction)
+            total = total + F.cross_entropy(position, direction.to(position.device))
             near = DIRECTIONS[torch.randint(len(DIRECTIONS), (n,))]
             neighbour = z[image, :, y + near[:, 0], x + near[:, 1]]
             total = total + self.lambda_svdd * (anchor - neighbour).square().sum(1).mean()
@@ -263,7 +263,7 @@ class MultiScalePatch(nn.Module):
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 index = torch.arange(start, min(start + self.batch_size, len(images)))
-                for scale, z in enumerate(self(images[index])):
+                for scale, z in enumerate(self(images[index].to(self.bank_0.device))):
                     chunks[scale].append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
         for scale, parts in enumerate(chunks):
             bank = torch.cat(parts)

@@ -250,7 +250,7 @@ class PatchCore(nn.Module):
             unit="batch",
         ):
             for part in images.split(self.batch_size):
-                patches = self.embed(part)
+                patches = self.embed(part.to(self.memory_bank.device))
                 chunks.append(patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]))
         if not chunks:
             raise ValueError("fit needs at least one training image")
@@ -293,7 +293,7 @@ class PatchCore(nn.Module):
     def _reweighted_score(self, queries: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor):
         """Eq. 7: s = (1 - exp||m_test - m*|| / sum_{m in N_b(m*)} exp||m_test - m||) * s*."""
         worst = patch_scores.argmax(dim=1)
-        rows = torch.arange(queries.shape[0])
+        rows = torch.arange(queries.shape[0], device=queries.device)
         max_scores = patch_scores[rows, worst]
         if self.num_neighbors <= 1:
             return max_scores

@@ -108,3 +108,19 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     assert "category folder not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fit", "--model", "no-such-model", "--data", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_param_values_parse_as_json_and_null_means_none():
+    """``--param init=null`` is how a user asks Metaformer for random initialisation (README)."""
+    import argparse
+
+    from metaad.cli.commands import _model_params
+    from metaad.models import create_model
+
+    args = argparse.Namespace(param=["init=null", "epochs=3", "texture_dir=dtd/images", 'search="exact"'], init=None)
+    params = _model_params(args)
+    assert params == {"init": None, "epochs": 3, "texture_dir": "dtd/images", "search": "exact"}
+    assert create_model("metaformer", init=params["init"], image_size=32).init is None
+    assert create_model("metaformer").init == "universal-cpu"  # the default adapts the shipped model
+    with pytest.raises(ValueError, match="expected NAME=VALUE"):
+        _model_params(argparse.Namespace(param=["epochs"], init=None))

@@ -55,7 +55,9 @@ def test_onnx_matches_metaad(name, tmp_path):
     images = torch.cat([_texture(3, 1, RUN_SIZE), _with_defect(_texture(3, 1, RUN_SIZE))])
     expected = model.predict(images)
     export_onnx(model, tmp_path / "model.onnx", RUN_SIZE, {"method": name})
-    scores, maps = run_onnx(onnx_session(tmp_path / "model.onnx"), images.numpy())
+    session = onnx_session(tmp_path / "model.onnx")
+    assert session.get_inputs()[0].shape[0] != 1, "the graph should take any batch size, not one image at a time"
+    scores, maps = run_onnx(session, images.numpy())
     reference = expected.scores.numpy()
     assert scores.shape == (6,) and maps.shape == (6, RUN_SIZE, RUN_SIZE)
     assert np.max(np.abs(scores - reference) / np.abs(reference)) < 1e-4, (scores, reference)

@@ -91,9 +91,7 @@ class GlobalNet(nn.Module):
         the window of the previous stage's map around it: the unmasked map there with the previous box pasted
         in. The plain passes remain for ONNX export, which cannot write the boxes in place."""
         if not incremental:
-            masks = image.new_ones(len(origins), 1, *image.shape[-2:])
-            for i, (y, x) in enumerate(origins.tolist()):
-                masks[i, :, y : y + patch, x : x + patch] = 0
+            masks = hidden_square_masks(origins, patch, image.shape[-1]).to(image)
             batch = image.expand(len(origins), -1, -1, -1).contiguous(memory_format=torch.channels_last)
             return self(batch, masks.contiguous(memory_format=torch.channels_last))  # 1.4x faster on CPU
         x, mask = image[None], image.new_ones(1, 1, *image.shape[-2:])
@@ -124,6 +122,15 @@ class GlobalNet(nn.Module):
             box_origin = new_origin
         final = cache[-1][0].expand(n, -1, -1, -1)
         return _paste(final, region, box_origin).mean((2, 3))
+
+
+def hidden_square_masks(origins: torch.Tensor, patch: int, size: int) -> torch.Tensor:
+    """(N, 1, size, size) visibility masks, each 0 on the ``patch``-sized square at one of the (N, 2) ``origins``
+    (y, x) and 1 elsewhere; built by comparisons, so an exported graph holds no N × size² constant."""
+    pixels = torch.arange(size, device=origins.device)
+    inside_y = (pixels >= origins[:, :1]) & (pixels < origins[:, :1] + patch)  # (N, size)
+    inside_x = (pixels >= origins[:, 1:]) & (pixels < origins[:, 1:] + patch)
+    return (~(inside_y[:, :, None] & inside_x[:, None, :]))[:, None].float()
 
 
 def _gather_windows(feature: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
@@ -494,11 +501,13 @@ class Glance(nn.Module):
         return self._maps(images, incremental=True)
 
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``predict`` for ONNX export (``metaad.types``): the Global-Net's masked passes in full."""
-        maps = self._maps(images, incremental=False, chunk=100)
+        """``predict`` for ONNX export (``metaad.types``): the Global-Net's masked passes in full, the images of
+        a batch side by side (no loop over them, so the exported graph takes any batch size)."""
+        maps = self._maps(images, incremental=False, chunk=50)
         return maps.flatten(1).amax(1), maps
 
     def _maps(self, images: torch.Tensor, incremental: bool, chunk: int = 400) -> torch.Tensor:
+        """(B, H, W) maps: the grid's patch scores (``chunk`` patches at a time), fused by IDW."""
         full = self._resize(images, self.image_size)
         if self.one_class:
             g = self.global_net(full, full.new_ones(full.shape[0], 1, *full.shape[-2:]))
@@ -507,15 +516,29 @@ class Glance(nn.Module):
         side, p = self.image_size, self.patch_size
         origins = grid_origins(side, p, self.grid)
         rows, cols = origins[:, :1] + torch.arange(p), origins[:, 1:] + torch.arange(p)
-        maps = []
-        for image in full:
-            patches = image[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # (N, 3, p, p)
-            scores = []
+        patches = full[:, :, rows[:, :, None], cols[:, None, :]].transpose(1, 2)  # (B, N, 3, p, p)
+        if incremental:  # image by image: each image's unmasked pass is shared by its N masked ones
+            scores = torch.stack([
+                torch.cat([
+                    self.patch_scores(
+                        self.global_net.masked_patch_features(image, origins[part : part + chunk], p),
+                        self.local_features(image_patches[part : part + chunk]),
+                    )
+                    for part in range(0, len(origins), chunk)
+                ])
+                for image, image_patches in zip(full, patches, strict=True)
+            ])
+        else:  # the batch's images side by side, each hidden square in turn
+            parts = []
             for part in range(0, len(origins), chunk):
-                g = self.global_net.masked_patch_features(image, origins[part : part + chunk], p, incremental)
-                scores.append(self.patch_scores(g, self.local_features(patches[part : part + chunk])))
-            maps.append((torch.cat(scores)[None] @ self._idw_weights(image.device).T).view(1, side, side))
-        fused = torch.cat(maps)[:, None]
+                masks = hidden_square_masks(origins[part : part + chunk], p, side).to(full)  # (n, 1, S, S)
+                n = len(masks)
+                hidden = full[:, None].expand(-1, n, -1, -1, -1).reshape(-1, 3, side, side)
+                g = self.global_net(hidden, masks.repeat(full.shape[0], 1, 1, 1))
+                local = self.local_features(patches[:, part : part + n].reshape(-1, 3, p, p))
+                parts.append(self.patch_scores(g, local).view(-1, n))
+            scores = torch.cat(parts, 1)  # (B, N)
+        fused = (scores @ self._idw_weights(full.device).T).view(-1, 1, side, side)
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
     @torch.inference_mode()

@@ -32,7 +32,7 @@ from metaad.engine.run import loading_size, set_threads, split_calibration
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
 from metaad.training import epoch_end_hook
-from metaad.types import TrainableModel, model_params
+from metaad.types import NotFittedError, TrainableModel, model_params
 from patchcore_validation import validation_set
 
 
@@ -84,10 +84,8 @@ def main() -> None:
         tic = time.perf_counter()
         try:
             prediction = trained.predict(images)
-        except RuntimeError as error:  # an earlier stage (Glance), or a bank built after training (multiscale)
-            if "not fitted" in str(error):
-                return
-            raise
+        except NotFittedError:  # an earlier stage (Glance), or a bank built after training (multiscale)
+            return
         metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
         log = (workdir / "train_log.jsonl").read_text().splitlines()
         loss = json.loads(log[-1])["loss"] if log else None

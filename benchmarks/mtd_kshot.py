@@ -15,17 +15,20 @@ the test split is the full seed-0 test split. Writes ``benchmarks/results/mtd_ks
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from common import REPO, parse_param, record, require_data
 from metaad.engine.run import DataSpec, fit_and_evaluate, set_threads
-from metaad.models import create_model
+from metaad.models import create_model, model_class
 
 
 def _init_tag(model: str, preset: str | None, params: dict) -> str | None:
     """Metaformer: what it adapts from (the universal model's name or path, or "random-init"); else None."""
     if model != "metaformer":
         return None
-    init = params["init"] if "init" in params else create_model(model, preset).init
+    cls = model_class(model)
+    default = inspect.signature(cls).parameters["init"].default
+    init = params.get("init", cls.PRESETS.get(preset, {}).get("init", default) if preset else default)
     return init if init is not None else "random-init"
 
 

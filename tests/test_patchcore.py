@@ -16,6 +16,7 @@ from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.metrics import image_auroc
 from metaad.models import create_model
 from metaad.models.patchcore import PatchCore
+from metaad.types import NotFittedError
 
 
 def _exact_greedy(points: np.ndarray, n: int, start: int) -> list[int]:
@@ -129,7 +130,7 @@ def test_ivf_search_is_stored_and_close_to_exact(synthetic_root, tmp_path):
 
 
 def test_unfitted_model_says_so():
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         PatchCore().predict(torch.zeros(1, 3, 64, 64))
 
 

@@ -9,6 +9,7 @@ from metaad.engine.checkpoint import load_model, save_model
 from metaad.metrics import image_auroc
 from metaad.models import create_model
 from metaad.models.reverse_distillation import ReverseDistillation
+from metaad.types import NotFittedError
 
 TINY = {k: v for k, v in ReverseDistillation.PRESETS["tiny"].items() if k != "epochs"}
 
@@ -62,7 +63,7 @@ def test_teacher_stays_frozen_and_same_seed_same_weights():
 
 
 def test_untrained_model_refuses_to_predict_and_bad_settings_fail():
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         ReverseDistillation(**TINY, epochs=1).predict(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="loss"):
         ReverseDistillation(**TINY, loss="l2")

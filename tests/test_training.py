@@ -180,3 +180,13 @@ def test_cli_fit_killed_mid_training_and_resumed_gives_identical_weights(tmp_pat
     assert whole.keys() == resumed.keys()
     for name, value in whole.items():
         assert torch.equal(resumed[name], value) or (value.isnan().all() and resumed[name].isnan().all()), name
+
+
+def test_device_of_reads_parameters_then_buffers():
+    from metaad.types import device_of
+
+    assert device_of(nn.Linear(2, 2)) == torch.device("cpu")
+    bank_only = nn.Module()
+    bank_only.register_buffer("bank", torch.empty(0, 3, device="meta"))
+    assert device_of(bank_only) == torch.device("meta")  # a method with no parameters: its buffers say
+    assert device_of(nn.Identity()) == torch.device("cpu")

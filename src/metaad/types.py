@@ -8,6 +8,8 @@ A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel
   and ``"tiny"`` (for tests), each a dict of constructor arguments;
 - inputs are float (B, 3, H, W) RGB images in [0, 1] of any H and W; the method normalises for its own
   backbone and resizes to its own ``image_size``; maps come back at H × W;
+- ``predict`` on a method that needs fitting and has not been fitted raises :class:`NotFittedError`;
+  a method moves the tensors it makes itself to :func:`device_of` the model (the engine moves the model);
 - every fitted tensor lives in a parameter or a buffer, so ``state_dict`` (one safetensors file) plus the
   config rebuild a fitted model. A buffer whose size depends on the data (a memory bank) is registered
   empty; loading resizes it to the saved shape;
@@ -27,10 +29,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+
+class NotFittedError(RuntimeError):
+    """``predict`` was called on a method that has not been fitted (or loaded) yet."""
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device a method's tensors are on (its first parameter's, else its first buffer's): where it
+    moves the batches it makes itself, since ``model.to(device)`` moves both."""
+    first = next(chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 class AnomalyPrediction(NamedTuple):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from metaad.data.transforms import pil_to_tensor
 from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.models.metaformer import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
+from metaad.types import device_of
 
 Tensors = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, ...]
@@ -201,7 +202,7 @@ class WildImages:
         self.images = torch.stack(images)
         self.priors = None
         if model.configuration != "A":
-            device = next(model.parameters()).device
+            device = device_of(model)
             priors = []
             for chunk in tqdm(self.images.split(batch_size), desc="instance priors", disable=not progress):
                 prior = model.compute_prior(chunk.to(device).float() / 255)
@@ -233,7 +234,7 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """Restore what ``save_checkpoint`` wrote; returns the progress record."""
     progress = read_json(out / PROGRESS)
     tensors = load_tensors(out / CHECKPOINT)
-    device = next(model.parameters()).device
+    device = device_of(model)
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     for name, p in model.named_parameters():
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
@@ -249,7 +250,7 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, data: WildImages, batch_size: int, batches: int = 16) -> None:
     """Running BatchNorm statistics as the plain average over ``batches`` wild batches at the final θ."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
@@ -289,7 +290,7 @@ def meta_train(
     """
     out = Path(out)
     rank, world = distributed_context()
-    device = next(model.parameters()).device
+    device = device_of(model)
     loss_fn = metaformer_loss(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.outer_lr)
     record: dict[str, Any] = {

@@ -24,7 +24,7 @@ from torch import nn
 from metaad.components.anomaly_synthesis import TextureSource, augment_textures, rotate_images, simulate_anomalies
 from metaad.components.ssim import ssim_loss
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings
 
 DEPTH = 5  # the discriminative encoder halves the resolution five times: image_size must be a multiple of 32
 
@@ -225,7 +225,7 @@ class Draem(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Scores (B,): max of the 21 × 21 mean-filtered map; maps (B, H, W): the anomaly channel's softmax."""
         if not bool(self.fitted):
-            raise RuntimeError("Draem is not fitted: call fit(train_images) or load a fitted model")
+            raise NotFittedError("Draem is not fitted: call fit(train_images) or load a fitted model")
         was_training = self.training
         self.eval()
         try:

@@ -28,7 +28,7 @@ from metaad.backbones import create_backbone
 from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
 from metaad.training import train_model
 from metaad.training.data import TrainImages
-from metaad.types import AnomalyPrediction, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, TrainData, TrainingSettings, device_of
 
 
 def subnet(kernel_size: int, hidden_ratio: float):
@@ -230,7 +230,7 @@ class FastFlow(nn.Module):
         reference code), p = exp(−½·mean_c z²); the score is its maximum (anomalib's image score).
         """
         self.eval()
-        device = next(self.parameters()).device
+        device = device_of(self)
         scores, maps = [], []
         for batch in images.split(self.predict_batch_size):
             size = batch.shape[-2:]

@@ -23,7 +23,7 @@ from metaad.backbones.registry import create_backbone
 from metaad.components.partial_conv import PartialConv2d, masked_max_pool
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, TrainingSettings
+from metaad.types import AnomalyPrediction, NotFittedError, TrainingSettings, device_of
 
 GLOBAL_MIN_SIZE = 243  # the smallest input Table 2's unpadded layers reduce to 1×1
 
@@ -454,10 +454,11 @@ class Glance(nn.Module):
         """Per-dimension mean and std of the distilled Local-Net's descriptors over random training patches
         (seeded), which ``local_features`` removes."""
         self.local_net.eval()
+        device = device_of(self)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 3)
             descriptors = torch.cat([
-                self.local_net(self._patch_and_image(batch.to(self.descriptor_mean.device))[0])
+                self.local_net(self._patch_and_image(batch.to(device))[0])
                 for _ in range(patches_per_image) for batch in images.batches(64)
             ])
         self.descriptor_mean.copy_(descriptors.mean(0))
@@ -545,7 +546,7 @@ class Glance(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) (the map's maximum, D.1) and anomaly maps (B, H, W) for images in [0, 1]."""
         if not bool(self.fitted):
-            raise RuntimeError("Glance is not fitted: call fit(train_images) or load a fitted model")
+            raise NotFittedError("Glance is not fitted: call fit(train_images) or load a fitted model")
         was_training = self.training
         self.eval()
         try:

@@ -28,7 +28,7 @@ from metaad.data.batches import iter_image_batches
 from metaad.data.transforms import normalize
 from metaad.io import load_tensors
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, TrainData, TrainingSettings, device_of
 
 CONFIGURATIONS = ("A", "A+P", "A+P+T")  # Table 3 of the paper
 TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
@@ -388,7 +388,7 @@ class Metaformer(nn.Module):
     def predict(self, images: torch.Tensor | Iterable) -> AnomalyPrediction:
         """Scores (B,) and maps (B, H, W) at the input size, from images in [0, 1]."""
         self.eval()
-        device = _device_of(self)
+        device = device_of(self)
         scores, maps = [], []
         for batch in iter_image_batches(images, self.batch_size):
             size = batch.shape[-2:]
@@ -408,8 +408,4 @@ class Metaformer(nn.Module):
             images.float(), size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
         )
 
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 

@@ -30,7 +30,7 @@ from metaad.components.knn import SearchCache, exact_search, search_centroids
 from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, TrainingSettings
+from metaad.types import AnomalyPrediction, NotFittedError, TrainingSettings, device_of
 
 # the 8 neighbours of a patch, the classes of the relative-position task (Patch SVDD §3.3)
 DIRECTIONS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
@@ -260,10 +260,11 @@ class MultiScalePatch(nn.Module):
         train_model(self, images, progress=progress, workdir=workdir, resume=resume)
         self.eval()
         chunks: list[list[torch.Tensor]] = [[] for _ in self.patch_sizes]
+        device = device_of(self)
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 index = torch.arange(start, min(start + self.batch_size, len(images)))
-                for scale, z in enumerate(self(images[index].to(self.bank_0.device))):
+                for scale, z in enumerate(self(images[index].to(device))):
                     chunks[scale].append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
         for scale, parts in enumerate(chunks):
             bank = torch.cat(parts)
@@ -314,7 +315,7 @@ class MultiScalePatch(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) (the map's maximum) and anomaly maps (B, H, W) for images in [0, 1]."""
         if self.bank_0.shape[0] == 0:
-            raise RuntimeError("MultiScalePatch is not fitted: call fit(train_images) or load a fitted model")
+            raise NotFittedError("MultiScalePatch is not fitted: call fit(train_images) or load a fitted model")
         was_training = self.training
         self.eval()
         try:

@@ -35,7 +35,7 @@ from metaad.data.transforms import (
     standardize_intensity,
     standardizing,
 )
-from metaad.types import AnomalyPrediction
+from metaad.types import AnomalyPrediction, NotFittedError, device_of
 
 
 class PatchCore(nn.Module):
@@ -237,7 +237,7 @@ class PatchCore(nn.Module):
             if not hasattr(train, "__len__"):  # a one-shot iterator: keep its batches for the second pass
                 train = list(iter_image_batches(train, self.batch_size))
             self.exposure_variation = torch.tensor(exposure_variation(iter_image_batches(train, self.batch_size)))
-        chunks = []
+        chunks, device = [], device_of(self)
         if isinstance(train, torch.Tensor):
             total = math.ceil(len(train) / self.batch_size)
         else:
@@ -250,7 +250,7 @@ class PatchCore(nn.Module):
             unit="batch",
         ):
             for part in images.split(self.batch_size):
-                patches = self.embed(part.to(self.memory_bank.device))
+                patches = self.embed(part.to(device))
                 chunks.append(patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]))
         if not chunks:
             raise ValueError("fit needs at least one training image")
@@ -273,7 +273,7 @@ class PatchCore(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) and anomaly maps (B, H, W) for (B, 3, H, W) images in [0, 1]."""
         if self.memory_bank.shape[0] == 0:
-            raise RuntimeError("PatchCore is not fitted: call fit(train_images) or load a fitted model first")
+            raise NotFittedError("PatchCore is not fitted: call fit(train_images) or load a fitted model first")
         scores, maps = [], []
         for batch in images.split(self.batch_size):
             patches = self.embed(batch)

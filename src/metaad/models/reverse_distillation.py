@@ -25,7 +25,7 @@ from metaad.components.smoothing import gaussian_blur
 from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, TrainingSettings
+from metaad.types import AnomalyPrediction, NotFittedError, TrainingSettings
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -300,7 +300,7 @@ class ReverseDistillation(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) (the map's maximum) and anomaly maps (B, H, W) for images in [0, 1]."""
         if not bool(self.fitted):
-            raise RuntimeError("ReverseDistillation is not fitted: call fit(train_images) or load a fitted model")
+            raise NotFittedError("ReverseDistillation is not fitted: call fit(train_images) or load a fitted model")
         was_training = self.training
         self.eval()
         try:

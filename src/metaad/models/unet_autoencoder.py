@@ -26,7 +26,7 @@ from metaad.components.anomaly_synthesis import generate_textures, simulate_anom
 from metaad.components.smoothing import gaussian_blur
 from metaad.components.ssim import ssim_loss, ssim_map
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings
 
 DEPTH = 4  # poolings: image_size must be a multiple of 16
 
@@ -188,7 +188,7 @@ class UNetAutoencoder(nn.Module):
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Scores (B,) (the map's maximum) and maps (B, H, W) for images in [0, 1]."""
         if not bool(self.fitted):
-            raise RuntimeError("UNetAutoencoder is not fitted: call fit(train_images) or load a fitted model")
+            raise NotFittedError("UNetAutoencoder is not fitted: call fit(train_images) or load a fitted model")
         was_training = self.training
         self.eval()
         try:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -106,6 +107,44 @@ def test_killed_and_resumed_training_is_bit_identical_to_an_uninterrupted_one(tm
         assert torch.equal(resumed.state_dict()[name], value), name
     log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 4
+
+
+def test_a_kill_between_checkpoint_writes_neither_repeats_nor_skips_an_epoch(tmp_path):
+    """The CI failure this guards: weights of epoch 3 beside a progress record of epoch 2 trained epoch 3 twice."""
+    images = _images()
+    whole = TinyReconstructor().fit(images, workdir=tmp_path / "whole")
+
+    class KilledError(Exception):
+        pass
+
+    def kill_after(last: int) -> Callable[[int, nn.Module], None]:
+        def hook(epoch: int, model: nn.Module) -> None:
+            if epoch == last:
+                raise KilledError
+
+        return hook
+
+    killed = tmp_path / "killed"
+    with pytest.raises(KilledError):
+        train_model(TinyReconstructor(), images, workdir=killed, on_epoch_end=kill_after(2))
+    progress_at_two = (killed / "checkpoint.json").read_text()
+    log_at_two = (killed / "train_log.jsonl").read_text()
+    with pytest.raises(KilledError):
+        train_model(TinyReconstructor(), images, workdir=killed, resume=True, on_epoch_end=kill_after(3))
+    # the kill lands after epoch 3's weights and log line, before its readable progress copy
+    (killed / "checkpoint.json").write_text(progress_at_two)
+    resumed = TinyReconstructor().fit(images, workdir=killed, resume=True)
+    for name, value in _state(whole).items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    # a log line written before a kill whose checkpoint never landed is not kept twice
+    logged = tmp_path / "logged"
+    with pytest.raises(KilledError):
+        train_model(TinyReconstructor(), images, workdir=logged, on_epoch_end=kill_after(2))
+    with open(logged / "train_log.jsonl", "a", encoding="utf-8") as log:
+        log.write(log_at_two.splitlines()[-1].replace('"epoch": 2', '"epoch": 3') + "\n")
+    TinyReconstructor().fit(images, workdir=logged, resume=True)
+    epochs = [json.loads(line)["epoch"] for line in (logged / "train_log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
 
 
 def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -68,6 +69,29 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+PROGRESS_KEY = "progress"
+
+
+def save_checkpoint_file(path: str | Path, tensors: Mapping[str, torch.Tensor], progress: dict[str, Any]) -> Path:
+    """Tensors and the progress record in one safetensors file, written atomically.
+
+    One file, not weights then JSON: a kill between two writes would pair one epoch's weights with another
+    epoch's progress, and a resume would silently train an epoch twice.
+    """
+    text = json.dumps(progress, default=_json_default)
+    return save_tensors(path, tensors, metadata={PROGRESS_KEY: text})
+
+
+def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the progress record that ``save_checkpoint_file`` wrote."""
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(PROGRESS_KEY)
+    if text is None:
+        raise ValueError(f"{path}: not a metaad checkpoint (no progress record); start afresh without --resume")
+    return tensors, json.loads(text)
 
 
 def _json_default(value: Any) -> Any:

@@ -21,14 +21,13 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from metaad.data.transforms import pil_to_tensor
-from metaad.io import load_tensors, read_json, save_tensors, write_json
+from metaad.io import load_checkpoint_file, save_checkpoint_file, save_tensors, write_json
 from metaad.models.metaformer import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
 from metaad.types import device_of
 
@@ -219,31 +218,26 @@ class WildImages:
 def save_checkpoint(
     out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, progress: dict[str, Any]
 ) -> None:
-    """Weights and Adam state (safetensors), then progress (JSON), each written atomically."""
+    """Weights, Adam state and progress in one atomic file; ``progress.json`` is a readable copy."""
     names = {id(p): name for name, p in model.named_parameters()}
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"optimizer.{names[id(p)]}.{key}"] = torch.as_tensor(value)
-    save_tensors(out / CHECKPOINT, tensors, metadata={"epoch": str(epoch)})
+    save_checkpoint_file(out / CHECKPOINT, tensors, {**progress, "epoch": epoch})
     write_json(out / PROGRESS, {**progress, "epoch": epoch})
 
 
 def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns the progress record."""
-    progress = read_json(out / PROGRESS)
-    tensors = load_tensors(out / CHECKPOINT)
+    tensors, progress = load_checkpoint_file(out / CHECKPOINT)
     device = device_of(model)
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     for name, p in model.named_parameters():
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
         if state:
             optimizer.state[p] = {k: v if k == "step" else v.to(device) for k, v in state.items()}
-    with safe_open(out / CHECKPOINT, framework="pt") as handle:
-        epoch = int((handle.metadata() or {}).get("epoch", -1))
-    if epoch != progress.get("epoch"):
-        raise ValueError(f"{out / CHECKPOINT} is at epoch {epoch} but {out / PROGRESS} says {progress.get('epoch')}")
     return progress
 
 
@@ -308,7 +302,7 @@ def meta_train(
             if key != "epochs" and saved[part].get(key) != value
         ]
         if differences:
-            raise ValueError(f"{out / PROGRESS}: cannot resume a different run ({'; '.join(differences)})")
+            raise ValueError(f"{out / CHECKPOINT}: cannot resume a different run ({'; '.join(differences)})")
         record["history"] = saved["history"]
         start = saved["epoch"]
     model.train()

@@ -7,8 +7,9 @@ A method defines ``training_loss(images)`` and ``training_settings()``; this loo
 - a seeded order per epoch, and the global RNG re-seeded at each epoch's start, so that a method's random
   augmentations repeat too;
 - a progress bar with loss and ETA; ``train_log.jsonl`` (one JSON line per epoch) and ``loss_curve.png``;
-- a checkpoint after every epoch (``checkpoint.safetensors`` + ``checkpoint.json``; nothing pickled) and
-  ``resume=True``, which continues from it and ends bit-identical to an uninterrupted run;
+- a checkpoint after every epoch: ``checkpoint.safetensors`` holds weights, optimiser state and progress in
+  one atomically written file (``checkpoint.json`` is a readable copy; nothing pickled), and ``resume=True``
+  continues from it and ends bit-identical to an uninterrupted run, wherever the interruption fell;
 - data parallelism under ``torchrun``: each process computes the gradient of its share of every batch and
   the gradients are averaged with an all-reduce (what ``DistributedDataParallel`` does, without wrapping the
   module, so that a method's loss may call any of its parts). gloo on CPUs, NCCL on GPUs.
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from metaad.io import atomic_write, load_tensors, read_json, save_tensors, write_json
+from metaad.io import atomic_write, load_checkpoint_file, save_checkpoint_file, write_json
 from metaad.training.data import TrainImages
 from metaad.types import TrainableModel, TrainData, TrainingSettings, get_config
 
@@ -95,8 +96,11 @@ def train_model(
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, settings.lr_gamma)
     fingerprint = _fingerprint(model, settings, len(images))
     start, history = 0, []
-    if resume and workdir is not None and (workdir / PROGRESS).is_file():
+    if resume and workdir is not None and (workdir / CHECKPOINT).is_file():
         start, history = _load_checkpoint(workdir, model, optimizer, schedule, fingerprint)
+        if rank == 0:  # lines logged after the checkpoint (a kill in between) are trained again: drop them
+            lines = "".join(json.dumps(record) + "\n" for record in history)
+            atomic_write(workdir / LOSS_LOG, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
     elif workdir is not None and rank == 0:
         (workdir / LOSS_LOG).unlink(missing_ok=True)
     device = next(iter(parameters)).device
@@ -202,23 +206,21 @@ def _save_checkpoint(
     history: list[dict],
     fingerprint: dict[str, Any],
 ) -> None:
-    """Weights and optimiser state (safetensors), then progress (JSON), each written atomically."""
+    """Weights, optimiser state and progress in one atomic file; ``checkpoint.json`` is a readable copy."""
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
     optimizer_state = optimizer.state_dict()
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    save_tensors(workdir / CHECKPOINT, tensors, metadata={"epoch": str(epoch)})
-    write_json(
-        workdir / PROGRESS,
-        {
-            "epoch": epoch,
-            "fingerprint": fingerprint,
-            "param_groups": optimizer_state["param_groups"],
-            "schedule": {k: v for k, v in schedule.state_dict().items() if k != "milestones"},
-            "history": history,
-        },
-    )
+    progress = {
+        "epoch": epoch,
+        "fingerprint": fingerprint,
+        "param_groups": optimizer_state["param_groups"],
+        "schedule": {k: v for k, v in schedule.state_dict().items() if k != "milestones"},
+        "history": history,
+    }
+    save_checkpoint_file(workdir / CHECKPOINT, tensors, progress)
+    write_json(workdir / PROGRESS, progress)
 
 
 def _load_checkpoint(
@@ -228,13 +230,12 @@ def _load_checkpoint(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict[str, Any],
 ) -> tuple[int, list[dict]]:
-    progress = read_json(workdir / PROGRESS)
+    tensors, progress = load_checkpoint_file(workdir / CHECKPOINT)
     if progress.get("fingerprint") != fingerprint:
         raise ValueError(
-            f"{workdir / PROGRESS}: the checkpoint is of another training ({progress.get('fingerprint')}); "
+            f"{workdir / CHECKPOINT}: the checkpoint is of another training ({progress.get('fingerprint')}); "
             f"this one is {fingerprint}. Resume with the same model settings and images, or start afresh."
         )
-    tensors = load_tensors(workdir / CHECKPOINT)
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

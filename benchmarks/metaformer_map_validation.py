@@ -11,7 +11,10 @@ resolution, then resized as the data pipeline does). The reconstruction Î is co
 - ``ssim``: 1 − local SSIM between I and Î (the MVTec AD paper's SSIM-AE map), smoothed alike;
 - ``feature``: 1 − cosine between a frozen EfficientNet-Lite0's stage-2 and stage-3 maps of I and of Î (both
   upsampled to 256 px), upsampled and summed (the gap measured where a backbone sees structure);
-- ``l2_standardized``: ``l2`` after both images are standardised for exposure (PatchCore's standardisation).
+- ``l2_standardized``: ``l2`` after both images are standardised for exposure (PatchCore's standardisation);
+- ``lowpass_<s>``: the squared gap between I and Î after both are Gaussian-blurred by ``s`` pixels at 256 px
+  (scaled with the model's size), then smoothed as ``l2``: the detail a 2×2-bottleneck autoencoder cannot
+  rebuild differs on every tile but cancels in the blur, where a defect's darker or brighter region does not.
 
 Image AUROC (map maximum), pixel AUROC and PRO per map, in ``results/metaformer_map_validation.json``.
 No test image is read.
@@ -55,7 +58,7 @@ def main() -> None:
     model = load_model(args.run).eval()
     train = DataSpec(**config["data"]).records("train")
     fit, _ = split_calibration(train, config["calibration_fraction"], config["data"]["seed"])
-    fitted = {r.path for r in select_shots(fit, config["shots"], config["data"]["seed"])}
+    fitted = {r.path for r in select_shots(fit, config["shots"], config.get("shots_seed", config["data"]["seed"]))}
     held_out = [r for r in train if r.path not in fitted]
     held_out = random.Random(0).sample(held_out, min(args.n, len(held_out)))
     textures = sorted(p for folder in sorted((dtd / "train").iterdir()) for p in list_images(folder))
@@ -79,6 +82,11 @@ def main() -> None:
             (standardize_intensity(reconstruction) - standardize_intensity(small)).pow(2).mean(1, keepdim=True)
         )),
     }
+    for lowpass in (4, 8, 16):
+        blur = lowpass * side / 256
+        gap = (gaussian_blur(reconstruction.flatten(0, 1)[:, None], blur, truncate=3.0)
+               - gaussian_blur(small.flatten(0, 1)[:, None], blur, truncate=3.0)).view_as(small)
+        maps[f"lowpass_{lowpass}"] = up(smooth(gap.pow(2).mean(1, keepdim=True)))
     pad = 3
     padded = [F.pad(x, (pad,) * 4, mode="reflect") for x in (small, reconstruction)]
     maps["ssim"] = up(smooth(1 - ssim_map(*padded, window_size=2 * pad + 1).mean(1, keepdim=True)))

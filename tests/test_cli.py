@@ -124,3 +124,22 @@ def test_param_values_parse_as_json_and_null_means_none():
     assert create_model("metaformer").init == "universal-cpu"  # the default adapts the shipped model
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         _model_params(argparse.Namespace(param=["epochs"], init=None))
+
+
+def test_k_shot_draws_depend_on_shots_seed_and_are_recorded(synthetic_root, tmp_path):
+    from metaad.io import load_tensors
+
+    def fit(name: str, *extra: str) -> tuple[dict, dict]:
+        run = tmp_path / name
+        assert main(["fit", "--model", "patchcore", "--preset", "tiny", "--data", str(synthetic_root),
+                     "--category", "weave", "--out", str(run), "--image-size", "32", "--param", "image_size=32",
+                     "--shots", "3", "--calibration-fraction", "0", "--quiet", *extra]) == 0
+        return json.loads((run / "config.json").read_text()), load_tensors(run / "model" / "model.safetensors")
+
+    default, default_weights = fit("default")
+    first, first_weights = fit("one", "--shots-seed", "1")
+    second, second_weights = fit("two", "--shots-seed", "2")
+    assert default["shots_seed"] == default["data"]["seed"] and first["shots_seed"] == 1
+    assert first["n_train"] == second["n_train"] == 3
+    banks = [weights["memory_bank"] for weights in (default_weights, first_weights, second_weights)]
+    assert not torch.equal(banks[1], banks[2]) and not torch.equal(banks[0], banks[1])

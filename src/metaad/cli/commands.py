@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fit.add_argument("--shots", type=int, default=None, help="k-shot protocol: fit on k defect-free images")
     fit.add_argument(
+        "--shots-seed", type=int, default=None,
+        help="seed of the k-image draw (default: the split's --seed); vary it to repeat a k-shot run on other "
+        "subsets of the same split",
+    )
+    fit.add_argument(
         "--calibration-fraction",
         type=float,
         default=None,
@@ -277,6 +282,7 @@ def run_fit(args: argparse.Namespace) -> int:
         out,
         image_size=image_size,
         shots=args.shots if args.shots is not None else recorded.get("shots"),
+        shots_seed=args.shots_seed if args.shots_seed is not None else recorded.get("shots_seed"),
         calibration_fraction=_setting(args, "calibration_fraction", recorded),
         false_alarm_rate=_setting(args, "false_alarm_rate", recorded),
         batch_size=_setting(args, "batch_size", recorded),

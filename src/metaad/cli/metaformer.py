@@ -47,6 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     parser.add_argument(
+        "--image-size", type=int, default=None, metavar="PX",
+        help="override the preset's image side (a multiple of 32; cpu 64, paper 256); adapt the result with "
+        "--param image_size=PX",
+    )
+    parser.add_argument(
+        "--width", type=float, default=None, metavar="MULTIPLIER",
+        help="override the preset's channel width multiplier (cpu 0.125, paper 1.0); adapt the result with "
+        "--param width_multiplier=MULTIPLIER",
+    )
+    parser.add_argument(
         "--prior",
         default=None,
         help="instance-prior weights (.safetensors); default: the shipped generator; "
@@ -77,6 +87,8 @@ def run_meta_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         first_order=args.first_order,
         epochs=args.epochs,
+        image_size=args.image_size,
+        width_multiplier=args.width,
         prior=args.prior,
         backbone=args.backbone,
         backbone_weights=args.backbone_weights,

@@ -159,15 +159,17 @@ def fit_and_evaluate(
     resume: bool = False,
     preset: str | None = None,
     device: str = "cpu",
+    shots_seed: int | None = None,
 ) -> dict[str, Any]:
     """Fit ``model`` on the training split, save it, set the thresholds, evaluate on the test split.
 
     Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. Trained methods
     checkpoint into ``out/training`` every epoch; ``resume`` continues an interrupted fit from there.
-    ``preset`` is only recorded in ``config.json`` (the model's parameters already include it). ``device``
-    ("cpu", "cuda" or "auto", :func:`metaad.engine.device.select_device`) is where the model fits and scores;
-    images are decoded on the CPU and each method moves its batches to its own device; the model is saved
-    from the CPU.
+    ``shots`` draws a k-image subset with ``shots_seed`` (default: the split's seed), so that repeated
+    k-shot runs over several subsets keep the same split. ``preset`` is only recorded in ``config.json`` (the
+    model's parameters already include it). ``device`` ("cpu", "cuda" or "auto",
+    :func:`metaad.engine.device.select_device`) is where the model fits and scores; images are decoded on the
+    CPU and each method moves its batches to its own device; the model is saved from the CPU.
     """
     target = select_device(device)
     out = Path(out)
@@ -175,7 +177,8 @@ def fit_and_evaluate(
     train_records = data.records("train")
     test_records = data.records("test")
     fit_records, calibration_records = split_calibration(train_records, calibration_fraction, data.seed)
-    fit_records = select_shots(fit_records, shots, data.seed)
+    shots_seed = data.seed if shots_seed is None else shots_seed
+    fit_records = select_shots(fit_records, shots, shots_seed)
     if calibration_records and not any(r.label for r in test_records):  # nothing to evaluate: calibrate on all
         calibration_records = calibration_records + test_records
     train_set = AnomalyDataset(fit_records, image_size, on_error)
@@ -189,6 +192,7 @@ def fit_and_evaluate(
             "data": vars(data),
             "image_size": image_size,
             "shots": shots,
+            "shots_seed": shots_seed,
             "calibration_fraction": calibration_fraction,
             "false_alarm_rate": false_alarm_rate,
             "batch_size": batch_size,

@@ -357,6 +357,8 @@ def run_meta_training(
     resume: bool = False,
     first_order: bool = False,
     epochs: int | None = None,
+    image_size: int | None = None,
+    width_multiplier: float | None = None,
     prior: str | None = None,
     backbone: str = "tf_efficientnet_lite0",
     backbone_weights: str | None = None,
@@ -367,6 +369,7 @@ def run_meta_training(
 ) -> Path:
     """The ``metaad meta-train`` pipeline: meta-tasks (§3.1.1) → wild images and priors → Algorithm 1.
 
+    ``image_size`` and ``width_multiplier`` override the preset's architecture (None: the preset's).
     Launched with torchrun, it joins the process group (gloo on CPU, NCCL on GPUs) and splits tasks by rank.
     """
     from metaad.meta.tasks import build_meta_tasks, list_wild_images
@@ -395,13 +398,20 @@ def run_meta_training(
     used = sorted({p for g in groups_paths for p in g})
     position = {p: i for i, p in enumerate(used)}
     groups = [[position[p] for p in g] for g in groups_paths]
+    architecture = {k: v for k, v in Metaformer.PRESETS[preset].items() if k in ARCHITECTURE_ARGS}
+    if image_size is not None:
+        architecture["image_size"] = image_size
+    if width_multiplier is not None:
+        if not width_multiplier > 0:
+            raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
+        architecture["width_multiplier"] = width_multiplier
     torch.manual_seed(seed)  # identical initial θ on every rank
     model = Metaformer(
         configuration=configuration,
         prior=prior,
         init=None,  # meta-training starts from scratch
         seed=seed,
-        **{k: v for k, v in Metaformer.PRESETS[preset].items() if k in ARCHITECTURE_ARGS},
+        **architecture,
     )
     model.to(device)
     data = WildImages(used, model, progress=progress and rank == 0)

@@ -12,7 +12,7 @@ import torch
 
 from metaad.engine.checkpoint import load_model, save_model
 from metaad.models import REGISTRY, create_model, get_config, model_class
-from metaad.types import AnomalyModel, TrainableModel
+from metaad.types import AnomalyModel, NotFittedError, TrainableModel
 
 SIZE = 64
 
@@ -61,6 +61,8 @@ def test_method_conforms(name, data, tmp_path, no_network):
     torch.manual_seed(123)  # a method must not depend on the global seed: the second fit below uses another
     model = create_model(name, "tiny")
     assert isinstance(model, AnomalyModel) and isinstance(model, torch.nn.Module)
+    with pytest.raises(NotFittedError):  # never a silent score from untrained weights or an empty bank
+        model.predict(good)
     assert model.fit(train, workdir=tmp_path / "training") is model
     images = torch.cat([good, _with_defect(good)])
     prediction = model.eval().predict(images)

@@ -39,6 +39,7 @@ def test_shapes_any_input_size_and_the_contract():
     assert json.dumps(model.training_settings().__dict__, default=list)
     for (z, log_jac_det), norm in zip(model.encode(torch.rand(2, 3, 50, 90)), model.norms, strict=True):
         assert z.shape[1:] == norm.normalized_shape and log_jac_det.shape == (2,)
+    model.fitted.fill_(True)  # shapes and the map's form only: untrained flows
     prediction = model.predict(torch.rand(3, 3, 50, 70))
     assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 50, 70)
     assert torch.isfinite(prediction.maps).all() and (prediction.maps >= 0).all() and (prediction.maps <= 1).all()

@@ -105,9 +105,11 @@ def test_configurations_forward_loss_predict(configuration):
     assert loss.ndim == 0 and loss > 0
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    model.fitted.fill_(True)  # shapes only: untrained weights
     prediction = model.predict(torch.nn.functional.interpolate(images, size=(40, 48), mode="bilinear"))
     assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 40, 48)
-    assert all(k.startswith(("autoencoder.", "transformer.")) for k in model.state_dict())  # P is stored apart
+    state = [k for k in model.state_dict() if k != "fitted"]
+    assert all(k.startswith(("autoencoder.", "transformer.")) for k in state)  # P is stored apart
 
 
 def test_configuration_and_size_are_checked():
@@ -122,6 +124,7 @@ def test_feature_map_keeps_the_state_dict_and_sees_a_feature_gap():
     feature = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, init=None, map_type="feature")
     assert plain.state_dict().keys() == feature.state_dict().keys()  # the frozen backbone is kept apart
     images = _images(2)
+    feature.fitted.fill_(True)  # the map's shape and form only: untrained weights
     maps = feature.predict(images).maps
     assert maps.shape == (2, *images.shape[-2:]) and torch.isfinite(maps).all()
 
@@ -449,3 +452,18 @@ def test_fixed_average_pool_equals_the_adaptive_one_of_table_1(side):
 
     features = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(side))
     torch.testing.assert_close(_average_pool_to_2x2(side)(features), torch.nn.AdaptiveAvgPool2d(2)(features))
+
+
+def test_a_save_from_before_the_fitted_flag_loads_as_fitted(tmp_path):
+    from metaad.engine.checkpoint import load_model, save_model
+
+    model = Metaformer(**TINY, adapt_epochs=1, batch_size=2).fit(_images(4))
+    expected = model.predict(_images(2, seed=1))
+    save_model(model, tmp_path)
+    state = load_tensors(tmp_path / "model.safetensors")
+    del state["fitted"]  # what metaad wrote before the flag existed
+    save_tensors(tmp_path / "model.safetensors", state)
+    again = load_model(tmp_path).predict(_images(2, seed=1))
+    assert torch.equal(again.scores, expected.scores)
+    with pytest.raises(Exception, match="not fitted"):
+        Metaformer(**TINY).predict(_images(2))

@@ -14,7 +14,8 @@ A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel
   config rebuild a fitted model. A buffer whose size depends on the data (a memory bank) is registered
   empty; loading resizes it to the saved shape;
 - optional: ``SAVED_WITHOUT`` (ClassVar dict), what a model saved by an older metaad lacks: constructor
-  arguments (the value its fit used) and buffer names (which then keep their constructed value);
+  arguments (the value its fit used) and buffer names (set to the value given, or, for None, kept at their
+  constructed value: ``{"fitted": True}`` says that a save without the flag was a fitted model);
   ``fit_summary() -> dict``, what the fit decided from the data (written to a run's ``metrics.json``);
   ``export_forward(images) -> (scores, maps)``, ``predict`` in plain tensor operations for ONNX export, for a
   method whose ``predict`` leaves torch (PatchCore's faiss search); without it the export traces ``predict``

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 import metaad
@@ -59,6 +60,11 @@ def load_model(folder: str | Path) -> nn.Module:
         if key in own and own[key].numel() == 0 and own[key].shape != saved.shape:
             _set_buffer(model, key, saved)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    for key in missing:  # a buffer an older save lacks: its SAVED_WITHOUT value, else the constructed one
+        value = legacy.get(key.rsplit(".", 1)[-1])
+        if value is not None and key in own:
+            with torch.no_grad():
+                model.get_buffer(key).fill_(value)
     missing = [k for k in missing if k.rsplit(".", 1)[-1] not in legacy]
     if missing or unexpected:
         raise ValueError(

@@ -233,7 +233,9 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """Restore what ``save_checkpoint`` wrote; returns the progress record."""
     tensors, progress = load_checkpoint_file(out / CHECKPOINT)
     device = device_of(model)
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    state.setdefault("fitted", torch.tensor(False))  # checkpoints of metaad before the flag
+    model.load_state_dict(state)
     for name, p in model.named_parameters():
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
         if state:
@@ -266,7 +268,8 @@ def write_universal(path: Path, model: Metaformer, config: MetaTrainConfig, extr
         "model": json.dumps({name: getattr(model, name) for name in ARCHITECTURE_ARGS}),
         "meta_train": json.dumps({**asdict(config), **extra}),
     }
-    save_tensors(path, model.state_dict(), metadata=metadata)
+    weights = {name: value for name, value in model.state_dict().items() if name != "fitted"}  # not adapted yet
+    save_tensors(path, weights, metadata=metadata)
 
 
 def meta_train(

@@ -28,7 +28,7 @@ from metaad.backbones import create_backbone
 from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
 from metaad.training import train_model
 from metaad.training.data import TrainImages
-from metaad.types import AnomalyPrediction, TrainData, TrainingSettings, device_of
+from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings, device_of
 
 
 def subnet(kernel_size: int, hidden_ratio: float):
@@ -101,7 +101,7 @@ class FastFlow(nn.Module):
     ``"cpu"`` (the defaults, chosen to train on 2 cores) and ``"tiny"`` (tests: 64 px, 2 steps, 2 epochs).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_form": "negative"}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_form": "negative", "fitted": True}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"backbone": "resnet18", "layers": (1, 2, 3), "image_size": 256, "conv3x3_only": True,
                   "epochs": 500, "batch_size": 32, "standardize_images": "never"},
@@ -158,6 +158,7 @@ class FastFlow(nn.Module):
             probe = self.feature_extractor(torch.zeros(1, 3, image_size, image_size))
         self._build_trainable([tuple(feature.shape[1:]) for feature in probe])
         self.register_buffer("exposure_variation", torch.tensor(float("nan")))
+        self.register_buffer("fitted", torch.tensor(False))
 
     @property
     def standardizing(self) -> bool:
@@ -207,6 +208,7 @@ class FastFlow(nn.Module):
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood (§3.1): per stage the batch mean of ½·Σz² − log|det J|, summed over stages."""
+        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         loss = images.new_zeros(())
         for z, log_jac_det in self.encode(images):
             loss = loss + torch.mean(0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_jac_det)
@@ -219,7 +221,9 @@ class FastFlow(nn.Module):
         images = TrainImages.from_data(train)
         if self.standardize_images == "auto":
             self.exposure_variation = torch.tensor(exposure_variation(images.batches()))
-        return train_model(self, images, progress=progress, workdir=workdir, resume=resume)
+        train_model(self, images, progress=progress, workdir=workdir, resume=resume)
+        self.fitted.fill_(True)
+        return self
 
     # ------------------------------------------------------------------------------------------- predict
     @torch.no_grad()
@@ -229,6 +233,8 @@ class FastFlow(nn.Module):
         The map is the mean over stages of 1 − p (``map_form="complement"``) or −p (``"negative"``, the
         reference code), p = exp(−½·mean_c z²); the score is its maximum (anomalib's image score).
         """
+        if not bool(self.fitted):
+            raise NotFittedError("FastFlow is not fitted: call fit(train_images) or load a fitted model")
         self.eval()
         device = device_of(self)
         scores, maps = [], []

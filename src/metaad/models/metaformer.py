@@ -28,7 +28,7 @@ from metaad.data.batches import iter_image_batches
 from metaad.data.transforms import normalize
 from metaad.io import load_tensors
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, TrainData, TrainingSettings, device_of
+from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings, device_of
 
 CONFIGURATIONS = ("A", "A+P", "A+P+T")  # Table 3 of the paper
 TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
@@ -189,7 +189,7 @@ class Metaformer(nn.Module):
     width, batch 64, lr 1e-4, from ``init=None`` or a paper-preset universal model (``init=PATH``).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2"}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2", "fitted": True}
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64, "lr": 1e-4},
@@ -234,6 +234,7 @@ class Metaformer(nn.Module):
             torch.manual_seed(seed)
             self.autoencoder = Autoencoder(width_multiplier, image_size)
             self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
+        self.register_buffer("fitted", torch.tensor(False))
         self.__dict__["_prior_module"] = None  # kept out of the module tree: P is frozen and stored apart
         self.__dict__["_feature_extractor"] = None  # map_type="feature": frozen, offline weights, loaded on use
 
@@ -347,7 +348,9 @@ class Metaformer(nn.Module):
         mine = {name: getattr(self, name) for name in ARCHITECTURE_ARGS}
         if {name: saved.get(name) for name in ARCHITECTURE_ARGS} != mine:
             raise ValueError(f"{path}: universal model was meta-trained with {saved}, this Metaformer has {mine}")
-        self.load_state_dict(load_tensors(path))
+        state = load_tensors(path)
+        state["fitted"] = self.fitted.new_tensor(False)  # meta-trained, not yet adapted (the file has no flag)
+        self.load_state_dict(state)
         return self
 
     def training_settings(self) -> TrainingSettings:
@@ -357,6 +360,7 @@ class Metaformer(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. (7) on a batch of defect-free images in [0, 1]. P is frozen, so R is computed once per training
         image and kept for the epochs that follow (keyed by the image's bytes; the cache lives for one fit)."""
+        self.fitted.fill_(True)  # adapted weights from the first step: predict works during a training too
         images = self._resize(images)
         return self.loss(images, self._cached_priors(images))
 
@@ -380,13 +384,18 @@ class Metaformer(nn.Module):
             self.load_universal(self.init)
         self.__dict__["_prior_cache"] = {}
         try:
-            return train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+            train_model(self, train, progress=progress, workdir=workdir, resume=resume)
         finally:
             self.__dict__["_prior_cache"] = {}
+        self.fitted.fill_(True)
+        return self
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | Iterable) -> AnomalyPrediction:
         """Scores (B,) and maps (B, H, W) at the input size, from images in [0, 1]."""
+        if not bool(self.fitted):
+            raise NotFittedError("Metaformer is not fitted: call fit(train_images) (it adapts from `init`) or "
+                                 "load a fitted model")
         self.eval()
         device = device_of(self)
         scores, maps = [], []

@@ -147,6 +147,26 @@ def test_a_kill_between_checkpoint_writes_neither_repeats_nor_skips_an_epoch(tmp
     assert epochs == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_of_an_older_metaad_resumes_from_its_json_when_the_epochs_agree(tmp_path):
+    images = _images()
+    whole = TinyReconstructor().fit(images, workdir=tmp_path / "whole")
+
+    def kill_after_two(epoch: int, model: nn.Module) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(TinyReconstructor(), images, workdir=tmp_path / "old", on_epoch_end=kill_after_two)
+    checkpoint = tmp_path / "old" / "checkpoint.safetensors"
+    save_tensors(checkpoint, load_tensors(checkpoint), metadata={"epoch": "2"})  # the older format
+    resumed = TinyReconstructor().fit(images, workdir=tmp_path / "old", resume=True)
+    for name, value in _state(whole).items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    save_tensors(checkpoint, load_tensors(checkpoint), metadata={"epoch": "3"})  # JSON says 4: torn
+    with pytest.raises(ValueError, match="between the two writes"):
+        TinyReconstructor().fit(images, workdir=tmp_path / "old", resume=True)
+
+
 def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
     TinyReconstructor(epochs=1).fit(_images(), workdir=tmp_path)
     with pytest.raises(ValueError, match="another training"):

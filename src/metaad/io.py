@@ -84,14 +84,28 @@ def save_checkpoint_file(path: str | Path, tensors: Mapping[str, torch.Tensor], 
     return save_tensors(path, tensors, metadata={PROGRESS_KEY: text})
 
 
-def load_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the progress record that ``save_checkpoint_file`` wrote."""
+def load_checkpoint_file(
+    path: str | Path, progress_copy: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the progress record that ``save_checkpoint_file`` wrote.
+
+    A checkpoint of an older metaad kept its progress in ``progress_copy`` (JSON) only; it is read from there
+    when its epoch matches the one the tensors were saved at.
+    """
     tensors = load_tensors(path)
     with safe_open(str(path), framework="pt") as handle:
-        text = (handle.metadata() or {}).get(PROGRESS_KEY)
-    if text is None:
-        raise ValueError(f"{path}: not a metaad checkpoint (no progress record); start afresh without --resume")
-    return tensors, json.loads(text)
+        metadata = handle.metadata() or {}
+    if PROGRESS_KEY in metadata:
+        return tensors, json.loads(metadata[PROGRESS_KEY])
+    if progress_copy is not None and Path(progress_copy).is_file() and "epoch" in metadata:
+        progress = read_json(progress_copy)
+        if str(progress.get("epoch")) == metadata["epoch"]:
+            return tensors, progress
+        raise ValueError(
+            f"{path} is at epoch {metadata['epoch']} but {progress_copy} says {progress.get('epoch')} (interrupted "
+            "between the two writes of an older metaad); start afresh without --resume"
+        )
+    raise ValueError(f"{path}: not a metaad checkpoint (no progress record); start afresh without --resume")
 
 
 def _json_default(value: Any) -> Any:

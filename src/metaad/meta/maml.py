@@ -231,7 +231,7 @@ def save_checkpoint(
 
 def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns the progress record."""
-    tensors, progress = load_checkpoint_file(out / CHECKPOINT)
+    tensors, progress = load_checkpoint_file(out / CHECKPOINT, out / PROGRESS)
     device = device_of(model)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     state.setdefault("fitted", torch.tensor(False))  # checkpoints of metaad before the flag

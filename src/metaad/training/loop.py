@@ -230,7 +230,7 @@ def _load_checkpoint(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict[str, Any],
 ) -> tuple[int, list[dict]]:
-    tensors, progress = load_checkpoint_file(workdir / CHECKPOINT)
+    tensors, progress = load_checkpoint_file(workdir / CHECKPOINT, workdir / PROGRESS)
     if progress.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{workdir / CHECKPOINT}: the checkpoint is of another training ({progress.get('fingerprint')}); "

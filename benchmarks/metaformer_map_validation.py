@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=120, help="held-out defect-free training images")
     parser.add_argument("--defects", nargs="+", default=list(SURFACE_DEFECTS), choices=list(SURFACE_DEFECTS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="metaformer_map_validation", help="result name (another run's)")
     args = parser.parse_args()
     set_threads(args.threads)
     require_data("mtd")
@@ -106,7 +107,7 @@ def main() -> None:
     for name, anomaly in maps.items():
         results[name] = evaluate(labels, anomaly.flatten(1).amax(1).numpy(), masks, anomaly.numpy())
         print(name, {k: round(v, 4) for k, v in results[name].items()}, flush=True)
-    record("metaformer_map_validation", {
+    record(args.name, {
         "run": str(args.run), "validation": f"{len(held_out)} held-out MTD training images, each clean and with "
         f"one synthetic defect ({', '.join(args.defects)}, in turn)", "maps": results,
     })

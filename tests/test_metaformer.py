@@ -426,6 +426,10 @@ def test_cli_registers_meta_train():
         ["meta-train", "--wild", "a", "b", "--out", "o", "--configuration", "A+P", "--resume", "--first-order"]
     )
     assert args.wild == ["a", "b"] and args.first_order and args.resume and args.preset == "cpu"
+    assert parser.parse_args(["meta-train", "--wild", "a", "--out", "o"]).first_order is None  # the preset's
+    assert parser.parse_args(["meta-train", "--wild", "a", "--out", "o", "--second-order"]).first_order is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["meta-train", "--wild", "a", "--out", "o", "--first-order", "--second-order"])
     assert callable(args.handler)
 
 

@@ -1,2 +1,3 @@
 metaad meta-train --wild ../shared/data/saliency/ecssd ../shared/data/saliency/duts_tr --out benchmarks/_work/metaformer_universal_128w4 --preset cpu --image-size 128 --width 0.25 --first-order --epochs 150 --threads 1 --resume
 metaad meta-train --wild ../shared/data/saliency/ecssd ../shared/data/saliency/duts_tr --out benchmarks/_work/metaformer_universal_128w4 --preset cpu --image-size 128 --width 0.25 --first-order --epochs 110 --threads 1 --resume
+metaad meta-train --wild ../shared/data/saliency/ecssd ../shared/data/saliency/duts_tr --out benchmarks/_work/metaformer_universal_128w4 --preset cpu --image-size 128 --width 0.25 --first-order --epochs 80 --threads 1 --resume

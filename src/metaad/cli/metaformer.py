@@ -44,7 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Table 3 variant to meta-train (default: the full A+P+T)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    parser.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument(
+        "--first-order", dest="first_order", action="store_const", const=True, default=None,
+        help="first-order MAML (no second derivatives); default: the preset's",
+    )
+    order.add_argument(
+        "--second-order", dest="first_order", action="store_const", const=False, help="second-order MAML (eq. 5)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     parser.add_argument(
         "--image-size", type=int, default=None, metavar="PX",

@@ -358,7 +358,7 @@ def run_meta_training(
     preset: str = "cpu",
     configuration: str = "A+P+T",
     resume: bool = False,
-    first_order: bool = False,
+    first_order: bool | None = None,
     epochs: int | None = None,
     image_size: int | None = None,
     width_multiplier: float | None = None,
@@ -372,14 +372,17 @@ def run_meta_training(
 ) -> Path:
     """The ``metaad meta-train`` pipeline: meta-tasks (§3.1.1) → wild images and priors → Algorithm 1.
 
-    ``image_size`` and ``width_multiplier`` override the preset's architecture (None: the preset's).
+    ``image_size`` and ``width_multiplier`` override the preset's architecture, ``first_order`` and ``epochs``
+    its schedule (None: the preset's).
     Launched with torchrun, it joins the process group (gloo on CPU, NCCL on GPUs) and splits tasks by rank.
     """
     from metaad.meta.tasks import build_meta_tasks, list_wild_images
 
     if preset not in MetaTrainConfig.PRESETS:
         raise ValueError(f"unknown meta-train preset {preset!r}; expected one of {sorted(MetaTrainConfig.PRESETS)}")
-    overrides = {"first_order": first_order, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+    overrides = {"seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+    if first_order is not None:
+        overrides["first_order"] = first_order
     config = MetaTrainConfig(**{**MetaTrainConfig.PRESETS[preset], **overrides})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,0 +1,1 @@
+metaad meta-train --wild ../shared/data/saliency/ecssd ../shared/data/saliency/duts_tr --out benchmarks/_work/metaformer_universal_cpu_AP --preset cpu --configuration A+P --threads 1 --resume

@@ -471,3 +471,32 @@ def test_a_save_from_before_the_fitted_flag_loads_as_fitted(tmp_path):
     assert torch.equal(again.scores, expected.scores)
     with pytest.raises(Exception, match="not fitted"):
         Metaformer(**TINY).predict(_images(2))
+
+
+@pytest.mark.slow
+def test_meta_train_command_at_another_size_then_fit_adapts_from_it(tmp_path, synthetic_root):
+    """As the README says: meta-train with --image-size/--width, then fit with the matching --param."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _write_images(tmp_path / "wild", 40)
+    out = tmp_path / "universal"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "metaad.cli.main"]
+    subprocess.run([*cli, "meta-train", "--wild", str(tmp_path / "wild"), "--out", str(out), "--image-size", "32",
+                    "--width", "0.0625", "--epochs", "1", "--group-size", "20", "--prior", "center-bias",
+                    "--threads", "1", "--second-order"], check=True, capture_output=True, env=env)
+    universal = out / "universal.safetensors"
+    assert universal.is_file() and json.loads((out / "progress.json").read_text())["epoch"] == 1
+    fit = [*cli, "fit", "--model", "metaformer", "--data", str(synthetic_root), "--category", "weave",
+           "--image-size", "32", "--shots", "4", "--calibration-fraction", "0", "--quiet",
+           "--param", f"init={json.dumps(str(universal))}", "--param", "prior=center-bias", "--param", "adapt_epochs=1"]
+    mismatch = subprocess.run([*fit, "--out", str(tmp_path / "wrong")], capture_output=True, text=True, env=env)
+    assert mismatch.returncode != 0 and "meta-trained with" in mismatch.stderr and "Traceback" not in mismatch.stderr
+    subprocess.run([*fit, "--out", str(tmp_path / "run"), "--param", "image_size=32",
+                    "--param", "width_multiplier=0.0625"], check=True, capture_output=True, env=env)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["params"]["init"] == str(universal)
+    with pytest.raises(ValueError, match="width_multiplier"):
+        Metaformer(width_multiplier=0, init=None)

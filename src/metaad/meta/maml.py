@@ -225,8 +225,9 @@ def save_checkpoint(
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"optimizer.{names[id(p)]}.{key}"] = torch.as_tensor(value)
-    save_checkpoint_file(out / CHECKPOINT, tensors, {**progress, "epoch": epoch})
-    write_json(out / PROGRESS, {**progress, "epoch": epoch})
+    progress = {**progress, "epoch": epoch}
+    save_checkpoint_file(out / CHECKPOINT, tensors, progress)
+    write_json(out / PROGRESS, progress)
 
 
 def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -408,8 +409,6 @@ def run_meta_training(
     if image_size is not None:
         architecture["image_size"] = image_size
     if width_multiplier is not None:
-        if not width_multiplier > 0:
-            raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
         architecture["width_multiplier"] = width_multiplier
     torch.manual_seed(seed)  # identical initial θ on every rank
     model = Metaformer(

@@ -123,7 +123,7 @@ def build_meta_tasks(
     if not groups:
         raise ValueError(
             f"no group of at least {min_group_size} images among {len(paths)} wild images; "
-            "pass more images or a smaller min_group_size"
+            "pass more wild images (a meta-task's support and query come from one group)"
         )
     if cache is not None:
         write_json(

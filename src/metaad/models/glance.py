@@ -89,7 +89,9 @@ class GlobalNet(nn.Module):
         map only inside a box (the square grown by the stages' windows); everything else equals the unmasked
         map. So the image passes once unmasked, and per square only its box is recomputed, stage by stage, from
         the window of the previous stage's map around it: the unmasked map there with the previous box pasted
-        in. The plain passes remain for ONNX export, which cannot write the boxes in place."""
+        in. ``incremental=False`` runs the N plain masked passes: the reference the incremental path is tested
+        against (ONNX export, which cannot write the boxes in place, builds them for a whole batch in
+        ``Glance._maps``)."""
         if not incremental:
             masks = hidden_square_masks(origins, patch, image.shape[-1]).to(image)
             batch = image.expand(len(origins), -1, -1, -1).contiguous(memory_format=torch.channels_last)

@@ -216,6 +216,8 @@ class Metaformer(nn.Module):
         super().__init__()
         if map_type not in MAP_TYPES:
             raise ValueError(f"map_type must be one of {MAP_TYPES}, got {map_type!r}")
+        if not width_multiplier > 0:
+            raise ValueError(f"Metaformer width_multiplier must be > 0, got {width_multiplier}")
         if configuration not in CONFIGURATIONS:
             raise ValueError(f"Metaformer configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
         self.configuration = configuration

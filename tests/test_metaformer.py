@@ -352,6 +352,24 @@ def _tiny_run(tmp_path: Path, epochs: int, out: Path, resume: bool = False) -> M
     return model
 
 
+def test_wild_priors_are_cached_and_read_back_instead_of_computed(tmp_path, monkeypatch):
+    _write_images(tmp_path / "wild", 6)
+    paths = list_wild_images([tmp_path / "wild"])
+    model = Metaformer(**TINY)
+    first = WildImages(paths, model, progress=False, cache_dir=tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("wild_priors_*.safetensors"))) == 1
+    assert first.priors.shape == (6, 1, 32, 32) and first.priors.dtype == torch.uint8
+
+    def must_not_run(self, images):
+        raise AssertionError("the cached priors should have been read")
+
+    monkeypatch.setattr(Metaformer, "compute_prior", must_not_run)
+    again = WildImages(paths, Metaformer(**TINY), progress=False, cache_dir=tmp_path / "out")
+    assert torch.equal(again.priors, first.priors)
+    with pytest.raises(AssertionError, match="cached priors"):  # another size is another cache entry
+        WildImages(paths, Metaformer(**{**TINY, "image_size": 64}), progress=False, cache_dir=tmp_path / "out")
+
+
 def test_checkpoint_resume_gives_the_same_state(tmp_path):
     _write_images(tmp_path / "wild", 12)
     straight = _tiny_run(tmp_path, 2, tmp_path / "straight")

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out",
         required=True,
         metavar="DIR",
-        help="output folder: universal.safetensors, checkpoint.safetensors, progress.json, the meta-task cache",
+        help="output folder: universal.safetensors, checkpoint.safetensors, progress.json, and caches of the "
+        "meta-tasks and of the wild images' priors",
     )
     parser.add_argument(
         "--preset",

@@ -169,7 +169,7 @@ def fit_and_evaluate(
     k-shot runs over several subsets keep the same split. ``preset`` is only recorded in ``config.json`` (the
     model's parameters already include it). ``device`` ("cpu", "cuda" or "auto",
     :func:`metaad.engine.device.select_device`) is where the model fits and scores; images are decoded on the
-    CPU and each method moves its batches to its own device; the model is saved from the CPU.
+    CPU and each method moves its batches to its own device; the model is saved from the CPU and left there.
     """
     target = select_device(device)
     out = Path(out)
@@ -237,6 +237,7 @@ def fit_and_evaluate(
     if hasattr(fitted, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
         metrics["fitted"] = fitted.fit_summary()
     write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
+    fitted.cpu()  # the caller's model comes back where it was saved from, whatever device scored it
     return metrics
 
 

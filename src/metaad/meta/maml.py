@@ -27,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from metaad.data.transforms import pil_to_tensor
-from metaad.io import load_checkpoint_file, save_checkpoint_file, save_tensors, write_json
+from metaad.io import load_checkpoint_file, load_tensors, save_checkpoint_file, save_tensors, write_json
+from metaad.models.instance_prior import SHIPPED_WEIGHTS
 from metaad.models.metaformer import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
 from metaad.types import device_of
 
@@ -190,9 +191,20 @@ def sample_tasks(
 
 
 class WildImages:
-    """Wild images held in memory as uint8 at the model's size, with their instance priors R (uint8)."""
+    """Wild images held in memory as uint8 at the model's size, with their instance priors R (uint8).
 
-    def __init__(self, paths: Sequence[str], model: Metaformer, batch_size: int = 32, progress: bool = True) -> None:
+    With ``cache_dir``, the priors (the slow part: P on every image) are kept there, keyed by the images,
+    the size and P's weights file, so a resumed or repeated run reads them instead of computing them again.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        model: Metaformer,
+        batch_size: int = 32,
+        progress: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> None:
         size = model.image_size
         images = []
         for path in tqdm(paths, desc="loading wild images", unit="img", disable=not progress):
@@ -200,19 +212,39 @@ class WildImages:
                 images.append((pil_to_tensor(image, size) * 255).round().to(torch.uint8))
         self.images = torch.stack(images)
         self.priors = None
-        if model.configuration != "A":
-            device = device_of(model)
-            priors = []
-            for chunk in tqdm(self.images.split(batch_size), desc="instance priors", disable=not progress):
-                prior = model.compute_prior(chunk.to(device).float() / 255)
-                priors.append((prior * 255).round().to(torch.uint8).cpu())
-            self.priors = torch.cat(priors)
+        if model.configuration == "A":
+            return
+        cache = _prior_cache(paths, model, cache_dir)
+        if cache is not None and cache.is_file():
+            priors = load_tensors(cache).get("priors")
+            if priors is not None and priors.shape == (len(paths), 1, size, size):
+                self.priors = priors
+                return
+        device = device_of(model)
+        priors = []
+        for chunk in tqdm(self.images.split(batch_size), desc="instance priors", disable=not progress):
+            prior = model.compute_prior(chunk.to(device).float() / 255)
+            priors.append((prior * 255).round().to(torch.uint8).cpu())
+        self.priors = torch.cat(priors)
+        if cache is not None:
+            save_tensors(cache, {"priors": self.priors})
 
     def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
         images = self.images[index].to(device).float() / 255
         if self.priors is None:
             return (images,)
         return images, self.priors[index].to(device).float() / 255
+
+
+def _prior_cache(paths: Sequence[str], model: Metaformer, cache_dir: str | Path | None) -> Path | None:
+    """Where ``WildImages`` keeps the priors of ``paths``; None without ``cache_dir`` or for an injected P."""
+    from metaad.meta.tasks import cache_key, file_identity
+
+    if cache_dir is None or model.__dict__["_prior_module"] is not None:  # a module set_prior gave: no file
+        return None
+    weights = model.prior if model.prior is not None else str(SHIPPED_WEIGHTS)
+    settings = {"image_size": model.image_size, "prior": file_identity(weights), "version": 1}
+    return Path(cache_dir) / f"wild_priors_{cache_key(paths, settings)[:16]}.safetensors"
 
 
 def save_checkpoint(
@@ -419,7 +451,7 @@ def run_meta_training(
         **architecture,
     )
     model.to(device)
-    data = WildImages(used, model, progress=progress and rank == 0)
+    data = WildImages(used, model, progress=progress and rank == 0, cache_dir=out_dir if rank == 0 else None)
     if rank == 0 and progress:
         tqdm.write(
             f"meta-training on {len(used)} wild images in {len(groups)} fine groups, "

@@ -93,12 +93,12 @@ def build_meta_tasks(
         "min_group_size": min_group_size,
         "seed": seed,
         "backbone": backbone,
-        "weights": _file_identity(weights),
+        "weights": file_identity(weights),
         "embed_size": embed_size,
         "thumbnail_size": thumbnail_size,
         "version": CACHE_VERSION,
     }
-    key = _cache_key(paths, settings)
+    key = cache_key(paths, settings)
     cache = Path(cache_dir) / f"meta_tasks_{key[:16]}.json" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         cached = read_json(cache)
@@ -159,14 +159,16 @@ def _embed_all(
     return torch.cat(features), torch.cat(thumbnails)
 
 
-def _file_identity(path: str | None) -> str | None:
+def file_identity(path: str | None) -> str | None:
+    """``path`` resolved, with its size and modification time (``path`` itself when it is no file)."""
     if path is None or not Path(path).is_file():
         return path
     stat = Path(path).stat()
     return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _cache_key(paths: Sequence[str], settings: dict) -> str:
+def cache_key(paths: Sequence[str], settings: dict) -> str:
+    """SHA-256 of ``settings`` and of every file's identity: a cache of results computed from them."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path in paths:
         stat = Path(path).stat()

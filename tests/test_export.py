@@ -52,6 +52,15 @@ NEEDS_EXPORT_FORWARD: dict[str, str] = {}
 )
 def test_onnx_matches_metaad(name, tmp_path):
     model = create_model(name, "tiny").fit(_texture(8, 0), workdir=tmp_path / "training").eval()
+    _assert_onnx_matches(model, name, tmp_path)
+
+
+def test_metaformer_feature_map_exports_for_any_batch(tmp_path):
+    model = create_model("metaformer", "tiny", map_type="feature").fit(_texture(8, 0)).eval()
+    _assert_onnx_matches(model, "metaformer", tmp_path)
+
+
+def _assert_onnx_matches(model: torch.nn.Module, name: str, tmp_path: Path) -> None:
     images = torch.cat([_texture(3, 1, RUN_SIZE), _with_defect(_texture(3, 1, RUN_SIZE))])
     expected = model.predict(images)
     export_onnx(model, tmp_path / "model.onnx", RUN_SIZE, {"method": name})

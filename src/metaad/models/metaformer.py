@@ -323,12 +323,12 @@ class Metaformer(nn.Module):
         pair = torch.cat([images, reconstruction])
         if pair.shape[-1] != side:
             pair = F.interpolate(pair, size=(side, side), mode="bilinear", align_corners=False)
-        total = images.new_zeros(len(images), 1, side, side)
+        distances = []
         for feature in extractor(pair):
             original, rebuilt = feature.chunk(2)
             distance = 1 - F.cosine_similarity(original, rebuilt, dim=1).unsqueeze(1)
-            total += F.interpolate(distance, size=(side, side), mode="bilinear", align_corners=False)
-        return gaussian_blur(total, 4.0)[:, 0]
+            distances.append(F.interpolate(distance, size=(side, side), mode="bilinear", align_corners=False))
+        return gaussian_blur(torch.stack(distances).sum(0), 4.0)[:, 0]  # no batch-sized zeros: exports any batch
 
     # -- estimator API --------------------------------------------------------------------------------------
 

@@ -1,1 +1,2 @@
 metaad meta-train --wild ../shared/data/saliency/ecssd ../shared/data/saliency/duts_tr ../shared/data/dtd/train/* --out benchmarks/_work/metaformer_universal_cpu_dtd --preset cpu --threads 2 --resume
+metaad meta-train --wild ../shared/data/saliency/ecssd ../shared/data/saliency/duts_tr ../shared/data/dtd/train/* --out benchmarks/_work/metaformer_universal_cpu_dtd --preset cpu --threads 2 --resume --epochs 125   # run at 200 epochs to epoch 125, then resumed with this line to write the model

@@ -4,6 +4,7 @@ checkpoint/resume, meta-tasks, and a tiny adapted model that finds a synthetic d
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from metaad.meta.maml import (
 from metaad.meta.tasks import build_meta_tasks, list_wild_images
 from metaad.models.metaformer import Metaformer
 
-TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None}
+TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None, "map_type": "l2"}
 
 # Supplementary Table 1: (module name, output H = W, channels) at 256 px.
 TABLE1 = [
@@ -411,11 +412,33 @@ def test_write_universal_then_fit_adapts_from_it_with_k_shots(tmp_path, shots):
 # -- detection -------------------------------------------------------------------------------------------------
 
 
+def _texture(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    """A fine sinusoidal texture with noise in [0, 1], the same pattern in every image."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pattern = 0.5 + 0.2 * torch.sin(xs / 1.5) * torch.cos(ys / 2.0)
+    noise = 0.03 * torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return (pattern.expand(n, 3, size, size) + noise).clamp(0, 1)
+
+
+def test_default_feature_map_finds_a_bright_square_on_a_texture():
+    torch.manual_seed(0)
+    settings = {**TINY, "map_type": "feature", "width_multiplier": 1 / 8}
+    model = Metaformer(**settings, adapt_epochs=40, lr=1e-2, batch_size=8)
+    model.fit(_texture(32, seed=0))
+    defective = _texture(8, seed=2)
+    defective[:, :, 12:19, 14:21] = 1.0
+    prediction = model.predict(torch.cat([_texture(8, seed=1), defective]))
+    assert prediction.scores[8:].min() > prediction.scores[:8].max()
+    peak = prediction.maps[8:].flatten(1).argmax(1)
+    assert ((peak // 32 - 15).abs() <= 5).all() and ((peak % 32 - 17).abs() <= 5).all()
+
+
 @pytest.mark.parametrize("configuration", ["A", "A+P+T"])
 def test_adapted_model_scores_a_bright_square_above_good_images(configuration):
     torch.manual_seed(0)
     model = Metaformer(
         configuration=configuration,
+        map_type="l2",
         width_multiplier=1 / 8,
         image_size=32,
         init=None,
@@ -460,8 +483,11 @@ def test_shipped_universal_model_loads_offline_and_adapts():
     model = create_model("metaformer", adapt_epochs=1)  # the default adapts the shipped universal model
     assert model.init == "universal-cpu" and create_model("metaformer", "cpu").init == "universal-cpu"
     assert create_model("metaformer", "paper").init is None and create_model("metaformer", "paper").image_size == 256
+    assert model.map_type == "feature" and create_model("metaformer", "paper").map_type == "l2"  # the paper's map
+    previous = create_model("metaformer").load_universal("universal-cpu-second-order").state_dict()
     model.load_universal("universal-cpu")
     universal = {k: v.clone() for k, v in model.state_dict().items()}
+    assert previous.keys() == universal.keys() and any(not torch.equal(previous[k], v) for k, v in universal.items())
     images = torch.rand(4, 3, 64, 64)
     prediction = model.fit(images).predict(images)
     assert prediction.scores.shape == (4,) and torch.isfinite(prediction.maps).all()
@@ -489,6 +515,12 @@ def test_a_save_from_before_the_fitted_flag_loads_as_fitted(tmp_path):
     assert torch.equal(again.scores, expected.scores)
     with pytest.raises(Exception, match="not fitted"):
         Metaformer(**TINY).predict(_images(2))
+
+    config = json.loads((tmp_path / "model.json").read_text())
+    del config["params"]["map_type"]  # saved before the map was a parameter: it was the paper's
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    assert Metaformer().map_type == "feature" and load_model(tmp_path).map_type == "l2"
+    assert torch.equal(load_model(tmp_path).predict(_images(2, seed=1)).scores, expected.scores)
 
 
 @pytest.mark.slow

@@ -37,9 +37,11 @@ UNIVERSAL_FORMAT = "metaad-metaformer-universal"
 ARCHITECTURE_ARGS = ("configuration", "width_multiplier", "image_size")
 MAP_TYPES = ("l2", "feature")
 FEATURE_BACKBONE, FEATURE_LAYERS, FEATURE_SIZE = "tf_efficientnet_lite0", (2, 3), 256  # map_type="feature"
-# universal models that ship inside the package, by the name ``init`` accepts for them
+# universal models that ship inside the package, by the name ``init`` accepts for them (how each was meta-trained:
+# the .json beside it). "universal-cpu" is the default; "universal-cpu-second-order" was, until 2026-11-30.
 SHIPPED_UNIVERSAL = {
-    "universal-cpu": Path(__file__).resolve().parents[1] / "weights" / "metaformer_universal_cpu.safetensors",
+    name: Path(__file__).resolve().parents[1] / "weights" / f"metaformer_{name.replace('-', '_')}.safetensors"
+    for name in ("universal-cpu", "universal-cpu-second-order")
 }
 
 
@@ -167,35 +169,42 @@ class Metaformer(nn.Module):
 
     ``configuration`` picks Table 3's variant: "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R) or "A+P+T" (Î = Ĩ ⊗ R').
     ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from, or the name of
-    one shipped with metaad ("universal-cpu": A+P+T, the "cpu" preset); None trains from scratch.
+    one shipped with metaad ("universal-cpu": A+P+T at the "cpu" preset's size, first-order MAML;
+    "universal-cpu-second-order": the same, second order, the default before 2026-11-30); None trains from
+    scratch.
     ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs, lr 1e-4,
     batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file (None:
     metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module mapping
     ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1] (metaad's P takes ImageNet statistics;
     the model normalises for it). P is frozen and not part of ``state_dict``.
 
-    Anomaly map (``map_type``): "l2", the paper's, is the squared error between I and Î (both in [0, 1])
-    averaged over RGB, Gaussian-smoothed with ``smoothing_sigma`` pixels (at 256 px; scaled with
-    ``image_size``); "feature" is the gap measured by a frozen EfficientNet-Lite0 (offline weights, stages 2
-    and 3, I and Î seen at 256 px): 1 − cosine per location, upsampled, summed, smoothed with σ = 4. Chosen on
-    held-out MTD training images with synthetic surface defects, never test labels: image AUROC 0.72 against
-    the paper map's 0.60 (``benchmarks/metaformer_map_validation.py``). Either is resized to the input size;
-    the image score is its maximum. The backbone, like P, is frozen and kept out of ``state_dict``.
+    Anomaly map (``map_type``): "feature", the default, is the gap measured by a frozen EfficientNet-Lite0
+    (offline weights, stages 2 and 3, I and Î seen at 256 px): 1 − cosine per location, upsampled, summed,
+    smoothed with σ = 4. "l2", the paper's (and the "paper" preset's), is the squared error between I and Î
+    (both in [0, 1]) averaged over RGB, Gaussian-smoothed with ``smoothing_sigma`` pixels (at 256 px; scaled
+    with ``image_size``). The default was chosen on held-out MTD training images with synthetic surface
+    defects, never test labels (``benchmarks/metaformer_map_validation.py``, rule in ``benchmarks/NOTES.md``):
+    image AUROC 0.72 and PRO 0.66 against the paper map's 0.60 and 0.55; it costs a Lite0 pass on I and Î
+    per image. On featureless surfaces (smooth gradients, no texture) the backbone's responses are weak, the
+    cosine gap is noisy and the image borders score highest: use "l2" there. Either map is resized to the
+    input size; the image score is its maximum. The backbone, like P, is frozen and kept out of ``state_dict``.
 
     The defaults (= preset "cpu") adapt the universal model shipped with metaad ("universal-cpu": 64 px,
     width 1/8, batch 16, lr 1e-3, the size the "cpu" meta-training preset produces): Metaformer exists to
     adapt a meta-trained model, so that is what ``metaad fit --model metaformer --shots K`` does. Random
     initialisation is an explicit choice (``init=None``; ``--param init=null``). "paper" is §4: 256 px, full
-    width, batch 64, lr 1e-4, from ``init=None`` or a paper-preset universal model (``init=PATH``).
+    width, batch 64, lr 1e-4, the squared-error map, from ``init=None`` or a paper-preset universal model
+    (``init=PATH``). Saves of metaad before the feature map was the default load with the map they had ("l2").
     """
 
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2", "fitted": True}
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {"width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64, "lr": 1e-4},
+        "paper": {"width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64, "lr": 1e-4,
+                  "map_type": "l2"},
         "cpu": {},
         "tiny": {"width_multiplier": 0.125, "image_size": 64, "init": None, "adapt_epochs": 1, "batch_size": 4,
-                 "prior": "center-bias"},
+                 "prior": "center-bias", "map_type": "l2"},  # no backbone pass: tests of the feature map are apart
     }
 
     def __init__(
@@ -210,7 +219,7 @@ class Metaformer(nn.Module):
         ssim_weight: float = 0.1,
         prior: str | None = None,
         smoothing_sigma: float = 4.0,
-        map_type: str = "l2",
+        map_type: str = "feature",
         seed: int = 0,
     ) -> None:
         super().__init__()

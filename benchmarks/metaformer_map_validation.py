@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from common import REPO, record, require_data
-from metaad.backbones.registry import create_backbone
 from metaad.components.smoothing import gaussian_blur
 from metaad.components.ssim import ssim_map
 from metaad.data.datasets import list_images
@@ -91,17 +90,9 @@ def main() -> None:
     pad = 3
     padded = [F.pad(x, (pad,) * 4, mode="reflect") for x in (small, reconstruction)]
     maps["ssim"] = up(smooth(1 - ssim_map(*padded, window_size=2 * pad + 1).mean(1, keepdim=True)))
-    backbone = create_backbone("tf_efficientnet_lite0", (2, 3))
-    feature_maps = []
-    with torch.inference_mode():
-        for a, b in zip(small.split(32), reconstruction.split(32), strict=True):
-            big = [F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False) for x in (a, b)]
-            total = a.new_zeros(len(a), 1, 256, 256)
-            for fa, fb in zip(backbone(big[0]), backbone(big[1]), strict=True):
-                distance = 1 - F.cosine_similarity(fa, fb, dim=1).unsqueeze(1)
-                total += F.interpolate(distance, size=(256, 256), mode="bilinear", align_corners=False)
-            feature_maps.append(gaussian_blur(total, 4.0))
-    maps["feature"] = up(torch.cat(feature_maps))
+    with torch.inference_mode():  # the model's own "feature" map, on the same reconstruction
+        feature_maps = [model.feature_gap(a, b) for a, b in zip(small.split(32), reconstruction.split(32), strict=True)]
+    maps["feature"] = up(torch.cat(feature_maps)[:, None])
 
     results = {}
     for name, anomaly in maps.items():

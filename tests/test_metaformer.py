@@ -367,6 +367,10 @@ def test_wild_priors_are_cached_and_read_back_instead_of_computed(tmp_path, monk
     monkeypatch.setattr(Metaformer, "compute_prior", must_not_run)
     again = WildImages(paths, Metaformer(**TINY), progress=False, cache_dir=tmp_path / "out")
     assert torch.equal(again.priors, first.priors)
+    assert torch.equal(WildImages(paths, model, progress=False, cache_dir=tmp_path / "out").priors, first.priors)
+    injected = Metaformer(**TINY).set_prior(nn.Identity())  # a module, not a file: never read from the cache
+    with pytest.raises(AssertionError, match="cached priors"):
+        WildImages(paths, injected, progress=False, cache_dir=tmp_path / "out")
     with pytest.raises(AssertionError, match="cached priors"):  # another size is another cache entry
         WildImages(paths, Metaformer(**{**TINY, "image_size": 64}), progress=False, cache_dir=tmp_path / "out")
 
@@ -405,7 +409,7 @@ def test_write_universal_then_fit_adapts_from_it_with_k_shots(tmp_path, shots):
     changed = adapted.state_dict()["autoencoder.encoder.conv1.weight"]
     assert not torch.equal(changed, model.state_dict()["autoencoder.encoder.conv1.weight"])
     assert not adapted.training and adapted.predict(_images(2)).scores.isfinite().all()
-    with pytest.raises(FileNotFoundError, match="no such universal checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such universal checkpoint; shipped ones: universal-cpu, "):
         Metaformer(**{**TINY, "init": str(tmp_path / "missing.safetensors")}).fit(_images(1))
 
 

@@ -240,7 +240,7 @@ def _prior_cache(paths: Sequence[str], model: Metaformer, cache_dir: str | Path 
     """Where ``WildImages`` keeps the priors of ``paths``; None without ``cache_dir`` or for an injected P."""
     from metaad.meta.tasks import cache_key, file_identity
 
-    if cache_dir is None or model.__dict__["_prior_module"] is not None:  # a module set_prior gave: no file
+    if cache_dir is None or model.prior_injected:  # no file describes a module that set_prior gave
         return None
     weights = model.prior if model.prior is not None else str(SHIPPED_WEIGHTS)
     settings = {"image_size": model.image_size, "prior": file_identity(weights), "version": 1}

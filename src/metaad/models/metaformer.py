@@ -204,7 +204,7 @@ class Metaformer(nn.Module):
                   "map_type": "l2"},
         "cpu": {},
         "tiny": {"width_multiplier": 0.125, "image_size": 64, "init": None, "adapt_epochs": 1, "batch_size": 4,
-                 "prior": "center-bias", "map_type": "l2"},  # no backbone pass: tests of the feature map are apart
+                 "prior": "center-bias", "map_type": "l2"},  # no backbone pass; the feature map has its own tests
     }
 
     def __init__(
@@ -247,15 +247,25 @@ class Metaformer(nn.Module):
             self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
         self.register_buffer("fitted", torch.tensor(False))
         self.__dict__["_prior_module"] = None  # kept out of the module tree: P is frozen and stored apart
+        self.__dict__["_prior_injected"] = False  # True once set_prior gave P: then no file describes it
         self.__dict__["_feature_extractor"] = None  # map_type="feature": frozen, offline weights, loaded on use
 
     # -- the instance prior P ------------------------------------------------------------------------------
 
     def set_prior(self, module: nn.Module) -> Metaformer:
         """Use ``module`` as P (frozen, eval mode) instead of loading it from ``prior``."""
+        self._hold_prior(module)
+        self.__dict__["_prior_injected"] = True
+        return self
+
+    def _hold_prior(self, module: nn.Module) -> None:
         module.eval().requires_grad_(False)
         self.__dict__["_prior_module"] = module
-        return self
+
+    @property
+    def prior_injected(self) -> bool:
+        """Whether P came from ``set_prior`` rather than from ``prior`` (a weights file or "center-bias")."""
+        return self.__dict__["_prior_injected"]
 
     @property
     def prior_module(self) -> nn.Module | None:
@@ -264,7 +274,7 @@ class Metaformer(nn.Module):
             return None
         if self.__dict__["_prior_module"] is None:
             if self.prior == CENTER_BIAS:
-                self.set_prior(CenterBiasPrior())
+                self._hold_prior(CenterBiasPrior())
             else:
                 try:
                     from metaad.models.instance_prior import load_instance_prior
@@ -274,7 +284,7 @@ class Metaformer(nn.Module):
                         f"(metaad.models.instance_prior could not be imported: {error}); pass "
                         f"prior='{CENTER_BIAS}' for the built-in stand-in or call set_prior(module)"
                     ) from error
-                self.set_prior(load_instance_prior(self.prior))
+                self._hold_prior(load_instance_prior(self.prior))
         return self.__dict__["_prior_module"]
 
     @torch.no_grad()
@@ -316,14 +326,15 @@ class Metaformer(nn.Module):
         ``image_size`` for "l2" and at least 256 for "feature"."""
         reconstruction = self(images)
         if self.map_type == "feature":
-            return self._feature_gap(images, reconstruction)
+            return self.feature_gap(images, reconstruction)
         gap = (reconstruction - images).pow(2).mean(1, keepdim=True)
         sigma = self.smoothing_sigma * self.image_size / 256
         if sigma > 0:
             gap = gaussian_blur(gap, sigma, truncate=3.0)
         return gap[:, 0]
 
-    def _feature_gap(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    def feature_gap(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The "feature" map, (B, S, S) with S = max(256, input side), between images I and their Î."""
         extractor = self.__dict__["_feature_extractor"]
         if extractor is None:
             extractor = self.__dict__["_feature_extractor"] = create_backbone(FEATURE_BACKBONE, FEATURE_LAYERS)
@@ -347,7 +358,10 @@ class Metaformer(nn.Module):
         ``path`` may name a universal model shipped with metaad (see ``SHIPPED_UNIVERSAL``)."""
         path = str(SHIPPED_UNIVERSAL.get(path, path))
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such universal checkpoint (write one with `metaad meta-train`)")
+            raise FileNotFoundError(
+                f"{path}: no such universal checkpoint; shipped ones: {', '.join(SHIPPED_UNIVERSAL)} "
+                "(or write one with `metaad meta-train`)"
+            )
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != UNIVERSAL_FORMAT:

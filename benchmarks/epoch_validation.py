@@ -28,9 +28,9 @@ from common import REPO, parse_param, record, require_data
 from metaad.data.datasets import list_images, mtd_records
 from metaad.data.synthetic import SURFACE_DEFECTS
 from metaad.data.transforms import denormalize, pil_to_tensor
-from metaad.engine.run import loading_size, set_threads, split_calibration
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
+from metaad.runs.fit import loading_size, set_threads, split_calibration
 from metaad.training import epoch_end_hook
 from metaad.types import NotFittedError, TrainableModel, model_params
 from patchcore_validation import validation_set

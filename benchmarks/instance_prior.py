@@ -29,8 +29,8 @@ from common import REPO, SHARED_DATA, record, require_data
 from metaad.data.saliency import list_saliency_folder
 from metaad.data.transforms import mask_to_tensor, normalize, pil_to_tensor
 from metaad.metrics.saliency import SaliencyMetrics
-from metaad.models.instance_prior import SHIPPED_WEIGHTS, load_instance_prior
-from metaad.models.saliency_baselines import CenterBiasGaussian, SpectralResidual
+from metaad.models.metaformer.instance_prior import SHIPPED_WEIGHTS, load_instance_prior
+from metaad.models.metaformer.saliency_baselines import CenterBiasGaussian, SpectralResidual
 
 FIGURE = REPO / "docs" / "figures" / "instance_prior_grid.png"
 

@@ -20,9 +20,9 @@ import time
 import torch
 
 from common import record
-from metaad.engine.run import set_threads
-from metaad.meta.maml import MetaTrainConfig, meta_step, metaformer_loss
-from metaad.models.metaformer import Metaformer
+from metaad.models.metaformer.maml import MetaTrainConfig, meta_step, metaformer_loss
+from metaad.models.metaformer.model import Metaformer
+from metaad.runs.fit import set_threads
 
 
 def main() -> None:

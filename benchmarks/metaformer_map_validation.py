@@ -37,9 +37,9 @@ from metaad.components.ssim import ssim_map
 from metaad.data.datasets import list_images
 from metaad.data.synthetic import SURFACE_DEFECTS
 from metaad.data.transforms import standardize_intensity
-from metaad.engine.checkpoint import load_model
-from metaad.engine.run import DataSpec, read_config, select_shots, set_threads, split_calibration
 from metaad.metrics import evaluate
+from metaad.models.persistence import load_model
+from metaad.runs.fit import DataSpec, read_config, select_shots, set_threads, split_calibration
 from patchcore_validation import validation_set
 
 

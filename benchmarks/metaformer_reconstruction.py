@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from common import REPO, record, require_data
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.datasets import AnomalyDataset, mtd_records
-from metaad.engine.checkpoint import load_model
-from metaad.engine.run import set_threads
+from metaad.models.persistence import load_model
+from metaad.runs.fit import set_threads
 
 
 @torch.no_grad()

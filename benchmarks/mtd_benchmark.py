@@ -15,8 +15,8 @@ import argparse
 import json
 
 from common import REPO, parse_param, record, require_data
-from metaad.engine.run import DataSpec, fit_and_evaluate, set_threads
 from metaad.models import MODELS, create_model
+from metaad.runs.fit import DataSpec, fit_and_evaluate, set_threads
 
 
 def main() -> None:

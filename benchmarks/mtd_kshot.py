@@ -20,8 +20,8 @@ import argparse
 import inspect
 
 from common import REPO, parse_param, record, require_data
-from metaad.engine.run import DataSpec, fit_and_evaluate, set_threads
 from metaad.models import create_model, model_class
+from metaad.runs.fit import DataSpec, fit_and_evaluate, set_threads
 
 
 def _init_tag(model: str, preset: str | None, params: dict) -> str | None:

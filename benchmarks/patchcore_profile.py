@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from common import REPO, record, require_data
 from metaad.data.datasets import AnomalyDataset, mtd_records
-from metaad.engine.checkpoint import load_model
-from metaad.engine.run import set_threads
+from metaad.models.persistence import load_model
+from metaad.runs.fit import set_threads
 
 
 def ms_per_image(step: Callable[[torch.Tensor], object], images: torch.Tensor, batch_size: int, passes: int = 3):

@@ -24,9 +24,9 @@ from common import REPO, record
 from metaad.data.datasets import AnomalyDataset, mvtec_records
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.data.transforms import exposure_variation
-from metaad.engine.run import set_threads
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
+from metaad.runs.fit import set_threads
 from patchcore_validation import candidate_params
 
 

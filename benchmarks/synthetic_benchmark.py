@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from common import REPO, parse_param, record
 from metaad.data.datasets import AnomalyDataset, mvtec_records
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
-from metaad.engine.run import set_threads
 from metaad.metrics import evaluate
 from metaad.models import MODELS, create_model, get_config
+from metaad.runs.fit import set_threads
 
 
 def main() -> None:

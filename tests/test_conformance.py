@@ -10,8 +10,8 @@ import socket
 import pytest
 import torch
 
-from metaad.engine.checkpoint import load_model, save_model
 from metaad.models import REGISTRY, create_model, get_config, model_class
+from metaad.models.persistence import load_model, save_model
 from metaad.types import AnomalyModel, NotFittedError, TrainableModel
 
 SIZE = 64

@@ -17,7 +17,7 @@ from metaad.models import REGISTRY, create_model
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
-from metaad.engine.export import export_onnx, onnx_session, run_onnx  # noqa: E402
+from metaad.deploy.export import export_onnx, onnx_session, run_onnx  # noqa: E402
 
 SIZE = 64
 RUN_SIZE = 80  # the size a run loads images at, not a tiny model's own: the graph resizes inside
@@ -81,9 +81,9 @@ def _assert_onnx_matches(model: torch.nn.Module, name: str, tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A PatchCore run folder (IVF search, as fitted by default) and its export."""
-    from metaad.engine.checkpoint import save_model
     from metaad.io import write_json
     from metaad.models import get_config
+    from metaad.models.persistence import save_model
 
     run = tmp_path_factory.mktemp("run")
     model = create_model("patchcore", "tiny", search="ivf", ivf_min_bank=10).fit(_texture(8, 0)).eval()

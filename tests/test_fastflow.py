@@ -7,10 +7,10 @@ from PIL import Image
 
 from metaad.data.datasets import mvtec_records
 from metaad.data.transforms import exposure_variation, pil_to_tensor
-from metaad.engine.checkpoint import load_model, save_model
 from metaad.io import read_json
 from metaad.models import create_model
 from metaad.models.fastflow import FastFlow
+from metaad.models.persistence import load_model, save_model
 from metaad.training import train_model
 
 TINY = FastFlow.PRESETS["tiny"]

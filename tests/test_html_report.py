@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metaad.engine.evaluation import Predictions
-from metaad.engine.report import write_report
+from metaad.runs.evaluation import Predictions
+from metaad.runs.report import write_report
 
 SIZE = 64
 

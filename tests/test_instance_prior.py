@@ -17,16 +17,8 @@ from conftest import shared_data
 from metaad.data.datasets import DataError
 from metaad.data.saliency import disjoint_split, list_saliency_folder, load_square_masks
 from metaad.data.transforms import normalize
-from metaad.engine.instance_prior_training import (
-    PriorTrainingConfig,
-    _build_banks,
-    _Data,
-    _train_epoch,
-    coloured_area_range,
-    train_instance_prior,
-)
 from metaad.metrics.saliency import SaliencyMetrics, f_measure_curves, mae, max_f_measure
-from metaad.models.instance_prior import (
+from metaad.models.metaformer.instance_prior import (
     SHIPPED_WEIGHTS,
     Discriminator,
     Generator,
@@ -37,7 +29,15 @@ from metaad.models.instance_prior import (
     make_effect_images,
     to_gray,
 )
-from metaad.models.saliency_baselines import CenterBiasGaussian, SpectralResidual
+from metaad.models.metaformer.prior_training import (
+    PriorTrainingConfig,
+    _build_banks,
+    _Data,
+    _train_epoch,
+    coloured_area_range,
+    train_instance_prior,
+)
+from metaad.models.metaformer.saliency_baselines import CenterBiasGaussian, SpectralResidual
 
 TINY = {
     "image_size": 32,

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaad.components.ssim import global_ssim, ssim, ssim_loss
 from metaad.io import load_tensors, save_tensors
-from metaad.meta.maml import (
+from metaad.models.metaformer.maml import (
     MetaTrainConfig,
     WildImages,
     meta_gradient,
@@ -29,8 +29,8 @@ from metaad.meta.maml import (
     sample_tasks,
     write_universal,
 )
-from metaad.meta.tasks import build_meta_tasks, list_wild_images
-from metaad.models.metaformer import Metaformer
+from metaad.models.metaformer.model import Metaformer
+from metaad.models.metaformer.tasks import build_meta_tasks, list_wild_images
 
 TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None, "map_type": "l2"}
 
@@ -480,7 +480,7 @@ def test_cli_registers_meta_train():
 
 def test_shipped_universal_model_loads_offline_and_adapts():
     from metaad.models import create_model
-    from metaad.models.metaformer import SHIPPED_UNIVERSAL
+    from metaad.models.metaformer.model import SHIPPED_UNIVERSAL
 
     if not SHIPPED_UNIVERSAL["universal-cpu"].is_file():
         pytest.skip("the universal model has not been meta-trained and shipped yet")
@@ -500,14 +500,14 @@ def test_shipped_universal_model_loads_offline_and_adapts():
 
 @pytest.mark.parametrize("side", [1, 2, 3, 8, 9])
 def test_fixed_average_pool_equals_the_adaptive_one_of_table_1(side):
-    from metaad.models.metaformer import _average_pool_to_2x2
+    from metaad.models.metaformer.model import _average_pool_to_2x2
 
     features = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(side))
     torch.testing.assert_close(_average_pool_to_2x2(side)(features), torch.nn.AdaptiveAvgPool2d(2)(features))
 
 
 def test_a_save_from_before_the_fitted_flag_loads_as_fitted(tmp_path):
-    from metaad.engine.checkpoint import load_model, save_model
+    from metaad.models.persistence import load_model, save_model
 
     model = Metaformer(**TINY, adapt_epochs=1, batch_size=2).fit(_images(4))
     expected = model.predict(_images(2, seed=1))

@@ -10,12 +10,12 @@ from metaad.components.coreset import greedy_coreset
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.datasets import AnomalyDataset, mvtec_records
 from metaad.data.transforms import exposure_variation
-from metaad.engine.checkpoint import load_model, save_model
-from metaad.engine.run import loading_size
 from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.metrics import image_auroc
 from metaad.models import create_model
 from metaad.models.patchcore import PatchCore
+from metaad.models.persistence import load_model, save_model
+from metaad.runs.fit import loading_size
 from metaad.types import NotFittedError
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from metaad.engine.evaluation import Predictions
-from metaad.engine.report import map_scale, save_overlay, write_worst_overlays
+from metaad.runs.evaluation import Predictions
+from metaad.runs.report import map_scale, save_overlay, write_worst_overlays
 
 
 def _predictions(tmp_path, names: list[str], scores: list[float], labels: list[int], defects=None) -> Predictions:

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from metaad.engine.checkpoint import load_model, save_model
 from metaad.metrics import image_auroc
 from metaad.models import create_model
+from metaad.models.persistence import load_model, save_model
 from metaad.models.reverse_distillation import ReverseDistillation
 from metaad.types import NotFittedError
 

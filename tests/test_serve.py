@@ -37,9 +37,9 @@ def _texture(n: int, seed: int):
 
 def make_run(folder, model_name: str = "patchcore"):
     """A run folder as 'metaad fit' writes it, for a tiny model fitted on random textures."""
-    from metaad.engine.checkpoint import save_model
     from metaad.io import write_json
     from metaad.models import create_model, get_config
+    from metaad.models.persistence import save_model
 
     model = create_model(model_name, "tiny").fit(_texture(12, 0)).eval()
     save_model(model, folder / "model")

@@ -1,45 +1,19 @@
 """metaad: offline visual anomaly detection and localization for industrial inspection.
 
 ``metaad.load_run(RUN)`` loads a run folder written by ``metaad fit`` for scoring images from Python
-(see :mod:`metaad.engine.inference`); it is imported on first use, so ``import metaad`` loads no torch.
+(see :mod:`metaad.deploy.inference`); it is imported on first use, so ``import metaad`` loads no torch.
+Nothing inside the package imports this file's names: they live in the layers below (``metaad.runtime``
+holds the version and the OpenMP policy, which must be chosen before torch loads).
 """
 
-import os
-import sys
-import warnings
+from metaad.runtime import OPENMP_PASSIVE, OpenMPWarning, __version__
 
-# torch and faiss each run an OpenMP thread pool; by default idle OpenMP threads spin, and on a few cores
-# the spinning faiss threads starve torch's (PatchCore inference was 10x slower on 2 cores). Passive waiting
-# takes effect only if chosen before either library loads: set here when metaad comes first, or in the
-# environment by the user. When torch or faiss was imported before metaad without it, faiss searches run
-# single-threaded instead (see metaad.components.knn), and metaad says so once.
-_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-_LOADED_FIRST = sorted(name for name in ("torch", "faiss") if name in sys.modules)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-OPENMP_PASSIVE = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and (
-    _USER_WAIT_POLICY is not None or not _LOADED_FIRST
-)
-
-__version__ = "0.1.0"
-
-
-class OpenMPWarning(UserWarning):
-    """torch or faiss was imported before metaad, so OpenMP's passive waiting could not be chosen."""
-
-
-if not OPENMP_PASSIVE and _LOADED_FIRST and _USER_WAIT_POLICY is None:
-    warnings.warn(
-        f"{' and '.join(_LOADED_FIRST)} was imported before metaad, so metaad could not make OpenMP threads "
-        "wait passively; PatchCore's nearest-neighbour search will run single-threaded (slower). "
-        "Import metaad before torch, or set OMP_WAIT_POLICY=PASSIVE in the environment before starting Python.",
-        OpenMPWarning,
-        stacklevel=2,
-    )
+__all__ = ["OPENMP_PASSIVE", "ImageResult", "OpenMPWarning", "Run", "__version__", "load_run"]
 
 
 def __getattr__(name: str):
     if name in ("load_run", "Run", "ImageResult"):
-        from metaad.engine import inference
+        from metaad.deploy import inference
 
         return getattr(inference, name)
     raise AttributeError(f"module 'metaad' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The contract between the engine and a method, written once (``../DESIGN`` "The contract").
+"""The contract between a method and the rest of metaad (runs, deploy, the training loop), written once.
 
 A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel`:
 
@@ -19,7 +19,7 @@ A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel
   ``fit_summary() -> dict``, what the fit decided from the data (written to a run's ``metrics.json``);
   ``export_forward(images) -> (scores, maps)``, ``predict`` in plain tensor operations for ONNX export, for a
   method whose ``predict`` leaves torch (PatchCore's faiss search); without it the export traces ``predict``
-  (``metaad.engine.export``).
+  (``metaad.deploy.export``).
 
 Gradient-trained methods are also :class:`TrainableModel`: they give the shared training loop
 (``metaad.training``) a loss for a batch and their optimiser settings, and their ``fit`` calls the loop.

@@ -191,7 +191,7 @@ def _setting(args: argparse.Namespace, name: str, recorded: dict):
 
 def _data_spec(args: argparse.Namespace, recorded: dict | None = None):
     """Where the data is: the data flags, else ``recorded`` (the ``data`` of a run's config.json)."""
-    from metaad.engine.run import DataSpec
+    from metaad.runs.fit import DataSpec
 
     recorded = recorded or {}
     root = args.data if args.data is not None else recorded.get("root")
@@ -258,8 +258,8 @@ def _prepare_run_folder(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from metaad.engine.run import fit_and_evaluate
     from metaad.models import create_model
+    from metaad.runs.fit import fit_and_evaluate
 
     recorded = _read_run_config(args.config) if args.config else {}
     name = args.model or recorded.get("model") or FIT_DEFAULTS["model"]
@@ -309,11 +309,11 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     from metaad.data.datasets import AnomalyDataset
-    from metaad.engine.checkpoint import load_model
-    from metaad.engine.device import on_device
-    from metaad.engine.evaluation import compute_metrics, predict_dataset
-    from metaad.engine.report import write_report
-    from metaad.engine.run import read_config, read_thresholds, run_image_size
+    from metaad.device import on_device
+    from metaad.models.persistence import load_model
+    from metaad.runs.evaluation import compute_metrics, predict_dataset
+    from metaad.runs.fit import read_config, read_thresholds, run_image_size
+    from metaad.runs.report import write_report
 
     recorded = read_config(args.run)
     out = Path(args.out) if args.out else Path(args.run) / "test"
@@ -343,7 +343,7 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from metaad.engine.predict import predict_images
+    from metaad.deploy.predict import predict_images
 
     out = Path(args.out)
     _check_out_folder(out, "the predictions' output")
@@ -385,9 +385,9 @@ def _print_predict_summary(summary) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from metaad.engine.run import fit_and_evaluate
     from metaad.io import write_json
     from metaad.models import create_model
+    from metaad.runs.fit import fit_and_evaluate
 
     results = {}
     for name in args.models:
@@ -414,8 +414,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
-    from metaad.engine.run import DataSpec, fit_and_evaluate
     from metaad.models import create_model
+    from metaad.runs.fit import DataSpec, fit_and_evaluate
 
     out = Path(args.out)
     category = args.category or CATEGORIES[0]

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from metaad.engine.export import export_run
+    from metaad.deploy.export import export_run
 
     try:
         metadata = export_run(args.run, args.out, args.device)
@@ -44,7 +44,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        from metaad.engine.serve import serve
+        from metaad.deploy.serve import serve
     except ImportError as error:
         raise ValueError(f"metaad serve needs the 'serve' extra: pip install 'metaad[serve]' ({error})") from error
     serve(args.run, args.host, args.port, args.device)

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from metaad.engine.instance_prior_training import PriorTrainingConfig, train_instance_prior
+    from metaad.models.metaformer.prior_training import PriorTrainingConfig, train_instance_prior
 
     config = PriorTrainingConfig.from_preset(
         args.preset,

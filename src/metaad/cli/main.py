@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    from metaad.engine.run import set_threads
+    from metaad.runs.fit import set_threads
 
     set_threads(getattr(args, "threads", None))
     with warnings.catch_warnings():
@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    import metaad
+    from metaad import runtime
 
-    return f"metaad {metaad.__version__}"
+    return f"metaad {runtime.__version__}"
 
 
 def print_json(data: dict) -> None:

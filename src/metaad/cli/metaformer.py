@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_meta_train(args: argparse.Namespace) -> int:
     """Handler of ``metaad meta-train``: prints the universal checkpoint's path."""
-    from metaad.meta.maml import distributed_context, run_meta_training
+    from metaad.models.metaformer.maml import distributed_context, run_meta_training
 
     path = run_meta_training(
         wild=args.wild,

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import torch
 
-import metaad
+from metaad import runtime
 
 IVF_MIN_BANK = 20000  # banks smaller than this are searched exactly: IVF gains little there and loses recall
 
@@ -91,7 +91,7 @@ class NearestNeighbours:
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest entries (on the queries' device)."""
         threads = faiss.omp_get_max_threads()
-        if not metaad.OPENMP_PASSIVE:
+        if not runtime.OPENMP_PASSIVE:
             faiss.omp_set_num_threads(1)
         try:
             distances, indices = self.index.search(

@@ -22,7 +22,7 @@ class Registered:
 
 REGISTRY: dict[str, Registered] = {
     "patchcore": Registered("metaad.models.patchcore:PatchCore", "Roth et al., CVPR 2022 (MIAD A.2.2)", False),
-    "metaformer": Registered("metaad.models.metaformer:Metaformer", "Wu et al., ICCV 2021", True),
+    "metaformer": Registered("metaad.models.metaformer.model:Metaformer", "Wu et al., ICCV 2021", True),
     "reverse_distillation": Registered(
         "metaad.models.reverse_distillation:ReverseDistillation", "Deng & Li, CVPR 2022 (MIAD A.2.1)", True
     ),

@@ -47,7 +47,7 @@ class PatchCore(nn.Module):
         weights: backbone weights (None = offline ImageNet package; a path; or "hub").
         image_size: side of the square the images are resized to before the backbone (the papers' 256 px); the
             anomaly map comes back at the input's size. metaad's data pipeline loads photographs at this size
-            when it is larger than 256 px, so a photograph is resized once (``metaad.engine.run.loading_size``).
+            when it is larger than 256 px, so a photograph is resized once (``metaad.runs.fit.loading_size``).
             None: as given. 320 px localises better (PRO on Magnetic Tile Defects 0.740 → 0.765) but detected
             worse on its test (image AUROC 0.941 → 0.927) at 1.3 times the time, so it is an option, not the
             default (``benchmarks/NOTES.md``).

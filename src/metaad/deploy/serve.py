@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-import metaad
+from metaad import runtime
 from metaad.data.transforms import pil_to_tensor
-from metaad.engine.device import select_device
-from metaad.engine.inference import Run
+from metaad.deploy.inference import Run
+from metaad.device import select_device
 from metaad.io import read_json
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -67,7 +67,7 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
         method=loaded.config.get("model", type(loaded.model).__name__),
         image_size=loaded.image_size,
         threshold=loaded.threshold,
-        metaad_version=metaad.__version__,
+        metaad_version=runtime.__version__,
         device=str(target),
         params=loaded.config.get("params", {}),
         metrics={k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None},
@@ -75,7 +75,7 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
     lock = threading.Lock()  # one prediction at a time: the model and its search caches are not thread-safe
     app = FastAPI(
         title="metaad",
-        version=metaad.__version__,
+        version=runtime.__version__,
         description=f"Anomaly detection with the {info.method} run {run.name}: upload an image, get its score.",
     )
 

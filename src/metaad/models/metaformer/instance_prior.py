@@ -19,8 +19,8 @@ What keeps the GAN away from degenerate R (tested in ``tests/test_instance_prior
 2. :func:`collapse_guard`: a hinge on the mean of R per image, zero inside a plausible coloured-area range and
    1 at all-ones / all-zeros, plus a binarisation term 4·R(1 − R) that is 1 for a flat R = 0.5.
 3. Mismatched effect images (an effect-part image edited with another image's mask) are shown to D as fakes,
-   so that an object-shaped coloured region is real only where the object is (training engine).
-4. Spectral norm in D, hinge loss, mirrored images, and an exponential moving average of G (training engine).
+   so that an object-shaped coloured region is real only where the object is (``prior_training.py``).
+4. Spectral norm in D, hinge loss, mirrored images, and an exponential moving average of G (``prior_training.py``).
 
 G never sees a mask; the masks of a disjoint part of the data only make the real effect images
 (``metaad.data.saliency``).
@@ -41,7 +41,7 @@ from metaad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from metaad.io import load_tensors, read_json
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # metaad/weights
 SHIPPED_WEIGHTS = WEIGHTS_DIR / "instance_prior.safetensors"
 FORMAT = "metaad-instance-prior"
 SKIP_STRIDES = (2, 4, 8, 16)

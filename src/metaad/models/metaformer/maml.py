@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from metaad.data.transforms import pil_to_tensor
 from metaad.io import load_checkpoint_file, load_tensors, save_checkpoint_file, save_tensors, write_json
-from metaad.models.instance_prior import SHIPPED_WEIGHTS
-from metaad.models.metaformer import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
+from metaad.models.metaformer.instance_prior import SHIPPED_WEIGHTS
+from metaad.models.metaformer.model import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
 from metaad.types import device_of
 
 Tensors = dict[str, torch.Tensor]
@@ -238,7 +238,7 @@ class WildImages:
 
 def _prior_cache(paths: Sequence[str], model: Metaformer, cache_dir: str | Path | None) -> Path | None:
     """Where ``WildImages`` keeps the priors of ``paths``; None without ``cache_dir`` or for an injected P."""
-    from metaad.meta.tasks import cache_key, file_identity
+    from metaad.models.metaformer.tasks import cache_key, file_identity
 
     if cache_dir is None or model.prior_injected:  # no file describes a module that set_prior gave
         return None
@@ -409,7 +409,7 @@ def run_meta_training(
     its schedule (None: the preset's).
     Launched with torchrun, it joins the process group (gloo on CPU, NCCL on GPUs) and splits tasks by rank.
     """
-    from metaad.meta.tasks import build_meta_tasks, list_wild_images
+    from metaad.models.metaformer.tasks import build_meta_tasks, list_wild_images
 
     if preset not in MetaTrainConfig.PRESETS:
         raise ValueError(f"unknown meta-train preset {preset!r}; expected one of {sorted(MetaTrainConfig.PRESETS)}")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metaad.engine.evaluation import Predictions
 from metaad.io import atomic_write, read_json
 from metaad.metrics import image_auroc, pro_curve, roc_curve
+from metaad.runs.evaluation import Predictions
 
 # published figures per data set (image / pixel AUROC, PRO), as the papers report them (../shared/data/README.md)
 PAPER_FIGURES: dict[str, dict[str, list[tuple[str, float]]]] = {

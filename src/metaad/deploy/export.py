@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import metaad
-from metaad.engine.checkpoint import load_model
-from metaad.engine.device import select_device
-from metaad.engine.run import read_threshold, run_image_size
+from metaad import runtime
+from metaad.device import select_device
 from metaad.io import atomic_write, read_json
 from metaad.models import get_config, registered_name
+from metaad.models.persistence import load_model
+from metaad.runs.fit import read_threshold, run_image_size
 
 OPSET = 18
 INPUT, OUTPUTS = "images", ("scores", "maps")
@@ -142,7 +142,7 @@ def run_metadata(
     params = get_config(model)
     summary = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
     return {
-        "metaad_version": metaad.__version__,
+        "metaad_version": runtime.__version__,
         "method": registered_name(model),
         "params": json.dumps(params),
         "image_size": str(image_size),

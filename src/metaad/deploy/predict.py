@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from metaad.engine.inference import ImageResult, Run, to_pil
-from metaad.engine.report import map_scale, save_overlay
+from metaad.deploy.inference import ImageResult, Run, to_pil
 from metaad.io import atomic_write
+from metaad.runs.report import map_scale, save_overlay
 
 CSV_COLUMNS = ["path", "name", "score", "normalized_score", "decision", "threshold", "error"]
 
@@ -48,7 +48,7 @@ def predict_images(
 ) -> PredictSummary:
     """Write ``predictions.csv`` (one row per image: score, normalised score with the threshold at 0.5,
     decision, or the error that kept it from being scored), ``heatmaps/NAME.png`` (16-bit, one colour scale
-    for all, see :func:`~metaad.engine.report.map_scale`), ``masks/NAME.png`` (predicted defect pixels, when
+    for all, see :func:`~metaad.runs.report.map_scale`), ``masks/NAME.png`` (predicted defect pixels, when
     the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size."""
     out = Path(out)
     if not isinstance(run, Run):

@@ -21,9 +21,9 @@ from PIL import Image
 
 from metaad.data.datasets import DataError, open_image
 from metaad.data.transforms import pil_to_tensor
-from metaad.engine.checkpoint import load_model
-from metaad.engine.device import on_device
-from metaad.engine.run import read_config, read_thresholds, run_image_size
+from metaad.device import on_device
+from metaad.models.persistence import load_model
+from metaad.runs.fit import read_config, read_thresholds, run_image_size
 
 ImageInput = str | Path | Image.Image | np.ndarray
 

@@ -9,7 +9,7 @@ generator part. Per step, with batch B (images randomly mirrored):
    image's mask: object-shaped colour in the wrong place, labelled fake);
 3. D step, hinge loss: real vs edited (weight 1 − ``mismatch_weight``) and mismatched (``mismatch_weight``);
 4. G step: −D(edited) + ``area_weight``·area hinge + ``binary_weight``·binarisation (see
-   :func:`metaad.models.instance_prior.collapse_guard`); then the moving average of G is updated.
+   :func:`metaad.models.metaformer.instance_prior.collapse_guard`); then the moving average of G is updated.
 
 Adam (β = 0.5, 0.999) at ``lr`` decayed by 10% every ``lr_step_epochs`` epochs (§4: 2e-4, every 50 epochs,
 200 epochs, batch 64). Seeded: each epoch draws its order and mirrors from its own generator, so a run
@@ -44,7 +44,7 @@ from metaad.data.saliency import (
 from metaad.data.transforms import normalize
 from metaad.io import atomic_write, save_tensors
 from metaad.metrics.saliency import SaliencyMetrics
-from metaad.models.instance_prior import (
+from metaad.models.metaformer.instance_prior import (
     Discriminator,
     Generator,
     apply_color_selectivo,
@@ -52,7 +52,7 @@ from metaad.models.instance_prior import (
     export_generator,
     luminance_context,
 )
-from metaad.models.saliency_baselines import CenterBiasGaussian
+from metaad.models.metaformer.saliency_baselines import CenterBiasGaussian
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -186,7 +186,7 @@ def _encode_all(
     context: bool = False,
 ) -> list[list[torch.Tensor]]:
     """Per mirror state, frozen-encoder features (float16, CPU) of uint8 ``images``: G's four skip levels,
-    or with ``context`` D's luminance context (:func:`~metaad.models.instance_prior.luminance_context`)."""
+    or with ``context`` D's luminance context (:func:`~metaad.models.metaformer.instance_prior.luminance_context`)."""
     out: list[list[torch.Tensor]] = []
     desc = "discriminator context" if context else "encoder features"
     for mirrored in mirrors:

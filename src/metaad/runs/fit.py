@@ -38,12 +38,12 @@ from metaad.data.datasets import (
     seeded_split,
 )
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
-from metaad.engine.checkpoint import save_model
-from metaad.engine.device import on_device, select_device
-from metaad.engine.evaluation import compute_metrics, predict_dataset
-from metaad.engine.report import write_report
+from metaad.device import on_device, select_device
 from metaad.io import read_json, write_json
 from metaad.models import get_config, registered_name
+from metaad.models.persistence import save_model
+from metaad.runs.evaluation import compute_metrics, predict_dataset
+from metaad.runs.report import write_report
 
 THRESHOLD_FILE = "threshold.json"
 
@@ -168,7 +168,7 @@ def fit_and_evaluate(
     ``shots`` draws a k-image subset with ``shots_seed`` (default: the split's seed), so that repeated
     k-shot runs over several subsets keep the same split. ``preset`` is only recorded in ``config.json`` (the
     model's parameters already include it). ``device`` ("cpu", "cuda" or "auto",
-    :func:`metaad.engine.device.select_device`) is where the model fits and scores; images are decoded on the
+    :func:`metaad.device.select_device`) is where the model fits and scores; images are decoded on the
     CPU and each method moves its batches to its own device; the model is saved from the CPU and left there.
     """
     target = select_device(device)

@@ -5,7 +5,7 @@ input; the output is a sigmoid).
 P, the frozen instance-prior generator, gives a response map R in [0, 1]; T, a vanilla encoder-decoder
 transformer (8 heads, 3 + 3 layers, §3.2), takes R as the encoder's input and the reconstruction Ĩ = A(I) as
 the decoder's, and its output, folded back to an image-sized map R', re-weights Ĩ element-wise (eq. 8).
-Meta-training (Algorithm 1) lives in ``metaad.meta``; ``fit`` here is the meta-testing step.
+Meta-training (Algorithm 1) lives in ``maml.py`` and ``tasks.py`` beside this file; ``fit`` here is the meta-testing step.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ FEATURE_BACKBONE, FEATURE_LAYERS, FEATURE_SIZE = "tf_efficientnet_lite0", (2, 3)
 # universal models that ship inside the package, by the name ``init`` accepts for them (how each was meta-trained:
 # the .json beside it). "universal-cpu" is the default; "universal-cpu-second-order" was, until 2026-11-30.
 SHIPPED_UNIVERSAL = {
-    name: Path(__file__).resolve().parents[1] / "weights" / f"metaformer_{name.replace('-', '_')}.safetensors"
+    name: Path(__file__).resolve().parents[2] / "weights" / f"metaformer_{name.replace('-', '_')}.safetensors"
     for name in ("universal-cpu", "universal-cpu-second-order")
 }
 
@@ -277,11 +277,11 @@ class Metaformer(nn.Module):
                 self._hold_prior(CenterBiasPrior())
             else:
                 try:
-                    from metaad.models.instance_prior import load_instance_prior
+                    from metaad.models.metaformer.instance_prior import load_instance_prior
                 except ImportError as error:
                     raise RuntimeError(
                         f"Metaformer configuration {self.configuration!r} needs the instance-prior generator "
-                        f"(metaad.models.instance_prior could not be imported: {error}); pass "
+                        f"(metaad.models.metaformer.instance_prior could not be imported: {error}); pass "
                         f"prior='{CENTER_BIAS}' for the built-in stand-in or call set_prior(module)"
                     ) from error
                 self._hold_prior(load_instance_prior(self.prior))

@@ -11,10 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from metaad.engine import html_report
-from metaad.engine.evaluation import Predictions
 from metaad.io import atomic_write, write_json
 from metaad.metrics import pro_curve, roc_curve
+from metaad.runs import html_report
+from metaad.runs.evaluation import Predictions
 
 
 def write_report(

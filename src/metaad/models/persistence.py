@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import metaad
+from metaad import runtime
 from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.models import REGISTRY, create_model, get_config, model_class, registered_name
 
@@ -26,7 +26,7 @@ def save_model(model: nn.Module, folder: str | Path) -> Path:
     save_tensors(folder / WEIGHTS_FILE, model.state_dict(), metadata={"format": "metaad"})
     write_json(
         folder / CONFIG_FILE,
-        {"model": registered_name(model), "params": get_config(model), "metaad_version": metaad.__version__},
+        {"model": registered_name(model), "params": get_config(model), "metaad_version": runtime.__version__},
     )
     return folder
 
@@ -47,7 +47,7 @@ def load_model(folder: str | Path) -> nn.Module:
     name = config["model"]
     if name not in REGISTRY:
         raise ValueError(
-            f"{folder / CONFIG_FILE}: model {name!r} is not in this metaad ({metaad.__version__}); "
+            f"{folder / CONFIG_FILE}: model {name!r} is not in this metaad ({runtime.__version__}); "
             f"available: {', '.join(sorted(REGISTRY))}. Refit with 'metaad fit'."
         )
     cls = model_class(name)

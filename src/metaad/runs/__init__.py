@@ -1,0 +1,1 @@
+"""Fitting, calibrating, evaluating and reporting a run, and the run folder's layout."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import metaad  # noqa: F401  (before torch)
@@ -78,7 +79,7 @@ def main() -> None:
                 folder = Path(args.compare) / key
                 old = torch.load(folder / "prediction.pt")
                 loaded = predict(load_model(folder / "model"), test)
-                refit_model = fit(name, vary, Path("/tmp/fingerprint_refit") / key)
+                refit_model = fit(name, vary, Path(tempfile.mkdtemp(prefix="fingerprint_")) / key)
                 refit = predict(refit_model, test)
                 result = {
                     "loaded_scores_equal": torch.equal(loaded.scores, old["scores"]),

@@ -31,10 +31,12 @@ from torch.utils.data import DataLoader
 from common import REPO, record, require_data
 from metaad.components.knn import train_ivf_centroids
 from metaad.data.datasets import AnomalyDataset
+from metaad.data.source import DataSpec
 from metaad.deploy.export import export_onnx, export_run, onnx_session, run_onnx
 from metaad.metrics import f1_max, image_auroc
 from metaad.models.persistence import load_model
-from metaad.runs.fit import DataSpec, read_config, read_threshold, run_image_size, set_threads
+from metaad.runs.layout import read_config, read_threshold, run_image_size
+from metaad.runtime import set_threads
 
 
 def main() -> None:

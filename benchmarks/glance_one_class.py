@@ -26,7 +26,7 @@ from metaad.data.datasets import list_images, open_image
 from metaad.data.transforms import pil_to_tensor
 from metaad.metrics import image_auroc
 from metaad.models import create_model
-from metaad.runs.fit import set_threads
+from metaad.runtime import set_threads
 
 ONE_CLASS = {"one_class": True, "local_lr": 1e-5, "global_lr": 1e-5, "dad_lr_ratio": 1.0}
 

@@ -22,7 +22,7 @@ import torch
 from common import record
 from metaad.models.metaformer.maml import MetaTrainConfig, meta_step, metaformer_loss
 from metaad.models.metaformer.model import Metaformer
-from metaad.runs.fit import set_threads
+from metaad.runtime import set_threads
 
 
 def main() -> None:

@@ -35,11 +35,13 @@ from common import REPO, record, require_data
 from metaad.components.smoothing import gaussian_blur
 from metaad.components.ssim import ssim_map
 from metaad.data.datasets import list_images
+from metaad.data.source import DataSpec, select_shots, split_calibration
 from metaad.data.synthetic import SURFACE_DEFECTS
 from metaad.data.transforms import standardize_intensity
 from metaad.metrics import evaluate
 from metaad.models.persistence import load_model
-from metaad.runs.fit import DataSpec, read_config, select_shots, set_threads, split_calibration
+from metaad.runs.layout import read_config
+from metaad.runtime import set_threads
 from patchcore_validation import validation_set
 
 

@@ -21,7 +21,7 @@ from common import REPO, record, require_data
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.datasets import AnomalyDataset, mtd_records
 from metaad.models.persistence import load_model
-from metaad.runs.fit import set_threads
+from metaad.runtime import set_threads
 
 
 @torch.no_grad()

@@ -15,8 +15,10 @@ import argparse
 import json
 
 from common import REPO, parse_param, record, require_data
+from metaad.data.source import DataSpec
 from metaad.models import MODELS, create_model
-from metaad.runs.fit import DataSpec, fit_and_evaluate, set_threads
+from metaad.runs.fit import fit_and_evaluate
+from metaad.runtime import set_threads
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ import argparse
 import inspect
 
 from common import REPO, parse_param, record, require_data
+from metaad.data.source import DataSpec
 from metaad.models import create_model, model_class
-from metaad.runs.fit import DataSpec, fit_and_evaluate, set_threads
+from metaad.runs.fit import fit_and_evaluate
+from metaad.runtime import set_threads
 
 
 def _init_tag(model: str, preset: str | None, params: dict) -> str | None:

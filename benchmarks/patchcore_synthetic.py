@@ -26,7 +26,7 @@ from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.data.transforms import exposure_variation
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
-from metaad.runs.fit import set_threads
+from metaad.runtime import set_threads
 from patchcore_validation import candidate_params
 
 

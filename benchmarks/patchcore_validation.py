@@ -36,11 +36,13 @@ from torch.utils.data import DataLoader
 from common import parse_param, record, require_data
 from metaad.components.anomaly_synthesis import paste_anomaly
 from metaad.data.datasets import AnomalyDataset, list_images, mtd_records
+from metaad.data.source import split_calibration
 from metaad.data.synthetic import SURFACE_DEFECTS, draw_surface_defect
 from metaad.data.transforms import pil_to_tensor
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
-from metaad.runs.fit import loading_size, set_threads, split_calibration
+from metaad.runs.fit import loading_size
+from metaad.runtime import set_threads
 
 
 def validation_set(

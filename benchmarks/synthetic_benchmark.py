@@ -25,7 +25,7 @@ from metaad.data.datasets import AnomalyDataset, mvtec_records
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.metrics import evaluate
 from metaad.models import MODELS, create_model, get_config
-from metaad.runs.fit import set_threads
+from metaad.runtime import set_threads
 
 
 def main() -> None:

@@ -34,3 +34,13 @@ if not OPENMP_PASSIVE and _LOADED_FIRST and _USER_WAIT_POLICY is None:
         OpenMPWarning,
         stacklevel=3,
     )
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch and faiss (default: all cores)."""
+    if threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)

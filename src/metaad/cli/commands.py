@@ -125,8 +125,6 @@ FIT_DEFAULTS = {
 """Defaults of the flags that ``fit --config`` (and ``test``, from the run) can fill in: their parser default
 is None, meaning 'not given'."""
 
-RUN_FILES = ("config.json", "threshold.json", "metrics.json", "roc.png", "pro.png", "scores.csv")
-RUN_FOLDERS = ("model", "training", "worst", "test")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +189,7 @@ def _setting(args: argparse.Namespace, name: str, recorded: dict):
 
 def _data_spec(args: argparse.Namespace, recorded: dict | None = None):
     """Where the data is: the data flags, else ``recorded`` (the ``data`` of a run's config.json)."""
-    from metaad.runs.fit import DataSpec
+    from metaad.data.source import DataSpec
 
     recorded = recorded or {}
     root = args.data if args.data is not None else recorded.get("root")
@@ -222,46 +220,12 @@ def _model_params(args: argparse.Namespace) -> dict:
     return params
 
 
-def _read_run_config(path: str) -> dict:
-    from metaad.io import read_json
-
-    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    config = read_json(config_path)
-    if not isinstance(config, dict) or "model" not in config or "data" not in config:
-        raise ValueError(f"{config_path}: not a run's config.json (expected the keys 'model' and 'data')")
-    return config
-
-
-def _check_out_folder(out: Path, what: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, but {what} is a folder; choose another path")
-
-
-def _prepare_run_folder(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a non-empty folder unless ``--overwrite`` (which clears a run's files first)
-    or ``--resume``."""
-    import shutil
-
-    _check_out_folder(out, "a run")
-    if not out.is_dir() or not any(out.iterdir()) or resume:
-        return
-    if not overwrite:
-        raise ValueError(
-            f"--out {out}: folder exists and is not empty (an earlier run?); pass --overwrite to replace it, "
-            "--resume to continue an interrupted fit there, or choose another --out"
-        )
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-
-
 def run_fit(args: argparse.Namespace) -> int:
     from metaad.models import create_model
     from metaad.runs.fit import fit_and_evaluate
+    from metaad.runs.layout import prepare_run_folder, read_run_config
 
-    recorded = _read_run_config(args.config) if args.config else {}
+    recorded = read_run_config(args.config) if args.config else {}
     name = args.model or recorded.get("model") or FIT_DEFAULTS["model"]
     params = _model_params(args)
     as_recorded = name == recorded.get("model") and args.preset is None
@@ -272,8 +236,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if image_size is None and as_recorded and not args.param:
         image_size = recorded.get("image_size")
     data = _data_spec(args, recorded.get("data"))
-    out = Path(args.out)
-    _prepare_run_folder(out, args.overwrite, args.resume)
+    out = prepare_run_folder(args.out, args.overwrite, args.resume)
     model = create_model(name, preset, **params)
     progress = not (args.quiet or args.no_progress)
     metrics = fit_and_evaluate(
@@ -308,46 +271,34 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_test(args: argparse.Namespace) -> int:
-    from metaad.data.datasets import AnomalyDataset
-    from metaad.device import on_device
-    from metaad.models.persistence import load_model
-    from metaad.runs.evaluation import compute_metrics, predict_dataset
-    from metaad.runs.fit import read_config, read_thresholds, run_image_size
-    from metaad.runs.report import write_report
+    from metaad.runs.fit import test_run
+    from metaad.runs.layout import TEST_DIR, read_config
 
     recorded = read_config(args.run)
-    out = Path(args.out) if args.out else Path(args.run) / "test"
-    _check_out_folder(out, "a report")
-    model = on_device(load_model(args.run), args.device)
-    skip = _setting(args, "skip_bad_files", recorded)
-    dataset = AnomalyDataset(
-        _data_spec(args, recorded.get("data")).records("test"), run_image_size(args.run, args.image_size),
-        "skip" if skip else "raise",
+    out = Path(args.out) if args.out else Path(args.run) / TEST_DIR
+    metrics = test_run(
+        args.run,
+        _data_spec(args, recorded.get("data")),
+        out,
+        image_size=args.image_size,
+        batch_size=args.batch_size or FIT_DEFAULTS["batch_size"],
+        on_error="skip" if _setting(args, "skip_bad_files", recorded) else "raise",
+        progress=not (args.quiet or args.no_progress),
+        device=args.device,
     )
-    progress = not (args.quiet or args.no_progress)
-    predictions = predict_dataset(model, dataset, args.batch_size or FIT_DEFAULTS["batch_size"], progress)
-    metrics = compute_metrics(predictions)
-    metrics["ms_per_image"] = predictions.ms_per_image
-    thresholds = read_thresholds(args.run)
-    threshold = thresholds.get("threshold")
-    if threshold is not None:
-        decided = predictions.scores > threshold
-        metrics["accuracy_at_threshold"] = float((decided == (predictions.labels == 1)).mean())
-        if "evaluation_skipped" in metrics and not predictions.labels.any():
-            metrics["false_alarms_at_threshold"] = int(decided.sum())
-            metrics["n_test_images"] = len(decided)
-    write_report(out, predictions, metrics, threshold, pixel_threshold=thresholds.get("pixel_threshold"))
     if not args.quiet:
         _print_evaluation(metrics, out, "report folder")
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from metaad.data.source import expand_inputs
     from metaad.deploy.predict import predict_images
+    from metaad.runs.layout import check_out_folder
 
     out = Path(args.out)
-    _check_out_folder(out, "the predictions' output")
-    files, masks = _expand_inputs(args.inputs)
+    check_out_folder(out, "the predictions' output")
+    files, masks = expand_inputs(args.inputs)
     quiet = args.quiet
     if masks and not quiet:
         print(
@@ -385,25 +336,18 @@ def _print_predict_summary(summary) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from metaad.io import write_json
-    from metaad.models import create_model
-    from metaad.runs.fit import fit_and_evaluate
+    from metaad.runs.fit import benchmark
 
-    results = {}
-    for name in args.models:
-        model = create_model(name, args.preset)
-        results[name] = fit_and_evaluate(
-            model,
-            _data_spec(args),
-            Path(args.out) / name,
-            image_size=args.image_size,
-            batch_size=_setting(args, "batch_size", {}),
-            calibration_fraction=0.0,
-            on_error="skip" if args.skip_bad_files else "raise",
-            preset=args.preset,
-            device=args.device,
-        )
-    write_json(Path(args.out) / "benchmark.json", results)
+    results = benchmark(
+        args.models,
+        _data_spec(args),
+        args.out,
+        preset=args.preset,
+        image_size=args.image_size,
+        batch_size=_setting(args, "batch_size", {}),
+        on_error="skip" if args.skip_bad_files else "raise",
+        device=args.device,
+    )
     columns = ["image_auroc", "pixel_auroc", "pro", "fit_seconds", "ms_per_image", "peak_rss_mb"]
     print("| model | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
@@ -413,46 +357,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
-    from metaad.models import create_model
-    from metaad.runs.fit import DataSpec, fit_and_evaluate
+    from metaad.runs.fit import demo
 
     out = Path(args.out)
-    category = args.category or CATEGORIES[0]
-    root = out / "data"
-    if not (root / category).is_dir():
-        print(f"writing the synthetic data set '{category}' to {root}")
-        make_synthetic_dataset(root, categories=[category])
-    if args.preset == "cpu":
-        print("fitting PatchCore with its CPU preset (--preset cpu; --preset paper for the paper's settings)")
-    model = create_model("patchcore", args.preset)
-    metrics = fit_and_evaluate(model, DataSpec(str(root), "mvtec", category), out / "run", preset=args.preset)
+    metrics = demo(out, args.category, args.preset)
     _print_evaluation(metrics, out / "run", "run folder")
     return 0
-
-
-def _expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
-    """(images, masks left out): the named files, and the images below the named folders except the masks
-    of other images beside them (see :func:`metaad.data.datasets.split_off_masks`)."""
-    from metaad.data.datasets import IMAGE_EXTENSIONS, list_images, split_off_masks
-
-    files: list[Path] = []
-    masks: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():  # every image below it, sub-folders included (e.g. an MVTec test/ folder)
-            images, left_out = split_off_masks(list_images(path, recursive=True))
-            files += images
-            masks += left_out
-        elif path.is_file():
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    if not files:
-        raise ValueError(f"no images found in {', '.join(inputs)}")
-    return files, masks
 
 
 def _print_evaluation(metrics: dict, out: Path, folder_kind: str) -> None:

@@ -5,11 +5,9 @@ Building the parser imports no torch (``metaad --help`` answers at once); each c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 DESCRIPTION = """metaad: visual anomaly detection for industrial inspection, trained on defect-free images only.
 
@@ -24,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    from metaad.runs.fit import set_threads
+    from metaad.runtime import set_threads
 
     set_threads(getattr(args, "threads", None))
     with warnings.catch_warnings():
@@ -63,17 +61,6 @@ def _version() -> str:
     from metaad import runtime
 
     return f"metaad {runtime.__version__}"
-
-
-def print_json(data: dict) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
-def existing_path(value: str) -> Path:
-    path = Path(value)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
-    return path
 
 
 if __name__ == "__main__":

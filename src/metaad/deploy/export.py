@@ -24,10 +24,10 @@ from torch import nn
 
 from metaad import runtime
 from metaad.device import select_device
-from metaad.io import atomic_write, read_json
+from metaad.io import atomic_write
 from metaad.models import get_config, registered_name
 from metaad.models.persistence import load_model
-from metaad.runs.fit import read_threshold, run_image_size
+from metaad.runs.layout import read_metrics, read_threshold, run_image_size
 
 OPSET = 18
 INPUT, OUTPUTS = "images", ("scores", "maps")
@@ -128,9 +128,7 @@ def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> dict[st
     run = Path(run)
     model = load_model(run)
     image_size = run_image_size(run)
-    metrics_path = run / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
-    metadata = run_metadata(model, image_size, read_threshold(run), metrics)
+    metadata = run_metadata(model, image_size, read_threshold(run), read_metrics(run))
     check = export_onnx(model, out, image_size, metadata, device)
     return {**metadata, "export_check": json.dumps(check)}
 

@@ -4,6 +4,7 @@ Any input a user has: image files, PIL images, numpy arrays, of any size, graysc
 decoded as the command line does. Each image is resized to the run's size for the model and its anomaly map
 is resized back, so maps and predicted masks come at the image's own size and aspect. With ``tile``, a large
 image is split into overlapping tiles instead, each seen at the run's size, and the tiles' maps are blended.
+Scoring itself is :class:`metaad.runs.scoring.Scorer`, the path evaluation takes too.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from metaad.data.datasets import DataError, open_image
 from metaad.data.transforms import pil_to_tensor
 from metaad.device import on_device
 from metaad.models.persistence import load_model
-from metaad.runs.fit import read_config, read_thresholds, run_image_size
+from metaad.runs.layout import read_config, read_thresholds, run_image_size
+from metaad.runs.scoring import Scorer, check_tiling
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -55,6 +56,7 @@ class Run:
         self.threshold: float | None = threshold if threshold is not None else self.thresholds.get("threshold")
         self.pixel_threshold: float | None = self.thresholds.get("pixel_threshold")
         self.image_size = run_image_size(self.folder, image_size)
+        self.scorer = Scorer(self.model, self.image_size)
 
     def __repr__(self) -> str:
         return (
@@ -97,10 +99,7 @@ class Run:
         """:meth:`predict` one batch at a time, for more images than fit in memory at once."""
         if on_error not in ("raise", "report"):
             raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
-        if tile is not None and tile < 8:
-            raise ValueError(f"tile must be at least 8 pixels, got {tile}")
-        if not 0.0 <= tile_overlap < 1.0:
-            raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+        check_tiling(tile, tile_overlap)
         pending: list[tuple[str, Image.Image]] = []
         for index, item in enumerate(images):
             source = _describe(item, index)
@@ -118,46 +117,23 @@ class Run:
                 pending = []
         yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
 
-    @torch.no_grad()
     def _predict_batch(
         self, pending: list[tuple[str, Image.Image]], tile: int | None, overlap: float, batch_size: int
     ) -> Iterator[ImageResult]:
         if not pending:
             return
+        self.scorer.batch_size = batch_size
         if tile is not None:
             for source, pil in pending:
-                score, anomaly_map = self._predict_tiled(pil, tile, overlap, batch_size)
+                width, height = pil.size
+                score, anomaly_map = self.scorer.predict_tiled(pil_to_tensor(pil, (height, width)), tile, overlap)
                 yield self._result(source, pil.size, score, anomaly_map)
             return
         batch = torch.stack([pil_to_tensor(pil, self.image_size) for _, pil in pending])
-        prediction = self.model.predict(batch)
-        for (source, pil), score, anomaly_map in zip(pending, prediction.scores, prediction.maps, strict=True):
-            width, height = pil.size
-            yield self._result(source, pil.size, float(score), _resize_map(anomaly_map, (height, width)))
-
-    def _predict_tiled(
-        self, pil: Image.Image, tile: int, overlap: float, batch_size: int
-    ) -> tuple[float, np.ndarray]:
-        """Blend the maps of overlapping ``tile`` x ``tile`` crops (each resized to the run's size) by averaging
-        where they overlap; the image score is the highest tile score, so it stays the model's own score."""
-        width, height = pil.size
-        image = pil_to_tensor(pil, (height, width))
-        tile_h, tile_w = min(tile, height), min(tile, width)
-        boxes = [(y, x) for y in tile_starts(height, tile_h, overlap) for x in tile_starts(width, tile_w, overlap)]
-        total = torch.zeros(height, width)
-        count = torch.zeros(height, width)
-        best = -math.inf
-        for start in range(0, len(boxes), batch_size):
-            chunk = boxes[start : start + batch_size]
-            crops = torch.stack([image[:, y : y + tile_h, x : x + tile_w] for y, x in chunk])
-            crops = F.interpolate(crops, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-            prediction = self.model.predict(crops.clamp_(0, 1))
-            best = max(best, float(prediction.scores.max()))
-            maps = F.interpolate(prediction.maps.float()[:, None], size=(tile_h, tile_w), mode="bilinear")[:, 0]
-            for (y, x), tile_map in zip(chunk, maps, strict=True):
-                total[y : y + tile_h, x : x + tile_w] += tile_map
-                count[y : y + tile_h, x : x + tile_w] += 1
-        return best, (total / count).numpy()
+        sizes = [(pil.size[1], pil.size[0]) for _, pil in pending]
+        scores, maps = self.scorer.predict_at_sizes(batch, sizes)
+        for (source, pil), score, anomaly_map in zip(pending, scores, maps, strict=True):
+            yield self._result(source, pil.size, score, anomaly_map)
 
     def _result(self, source: str, size: tuple[int, int], score: float, anomaly_map: np.ndarray) -> ImageResult:
         return ImageResult(
@@ -177,15 +153,6 @@ def load_run(
     """Load a run folder written by ``metaad fit`` (``threshold`` overrides its calibrated one; ``device``:
     cpu, cuda or auto, where the model runs)."""
     return Run(folder, threshold, image_size, device)
-
-
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of ``tile`` pixels covering ``length``, overlapping by at least ``overlap``."""
-    if tile >= length:
-        return [0]
-    step = max(1, int(tile * (1.0 - overlap)))
-    n = math.ceil((length - tile) / step) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 def to_pil(item: Any, source: str = "image") -> Image.Image:
@@ -221,10 +188,3 @@ def _describe(item: Any, index: int) -> str:
         return str(item)
     kind = "PIL image" if isinstance(item, Image.Image) else "array" if isinstance(item, np.ndarray) else "input"
     return f"<{kind} {index}>"
-
-
-def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    anomaly_map = anomaly_map.float()
-    if tuple(anomaly_map.shape) != size:
-        anomaly_map = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear")[0, 0]
-    return anomaly_map.numpy().astype(np.float32, copy=False)

@@ -26,7 +26,7 @@ from metaad import runtime
 from metaad.data.transforms import pil_to_tensor
 from metaad.deploy.inference import Run
 from metaad.device import select_device
-from metaad.io import read_json
+from metaad.runs.layout import read_metrics
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # decoded size limit: a small file can hold a huge image (decompression bomb)
@@ -61,8 +61,7 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
     run = Path(run)
     loaded = Run(run, device=device)
     target = select_device(device)
-    metrics_path = run / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics = read_metrics(run)
     info = ModelInfo(
         method=loaded.config.get("model", type(loaded.model).__name__),
         image_size=loaded.image_size,

@@ -1,4 +1,5 @@
-"""Run a fitted model over a data set and compute the papers' metrics."""
+"""Run a fitted model over a data set (through :class:`~metaad.runs.scoring.Scorer`, the one predict path) and
+compute the papers' metrics, and the accuracy at a run's threshold."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from metaad.metrics import evaluate
+from metaad.runs.scoring import Scorer
 
 
 @dataclass
@@ -29,16 +31,17 @@ class Predictions:
 
 
 def predict_dataset(
-    model: nn.Module, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict"
+    model: nn.Module | Scorer, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict"
 ) -> Predictions:
     """Predict every sample of ``dataset``, timing the model alone and the whole loop (with decoding)."""
+    scorer = model if isinstance(model, Scorer) else Scorer(model, dataset.image_size, batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     paths, labels, defects, scores, maps, masks, has_masks = [], [], [], [], [], [], []
     seconds = 0.0
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
         tic = time.perf_counter()
-        prediction = model.predict(batch["image"])
+        prediction = scorer.predict(batch["image"])
         seconds += time.perf_counter() - tic
         paths += list(batch["path"])
         defects += list(batch["defect"])
@@ -100,3 +103,16 @@ def pixel_metrics_skipped(predictions: Predictions) -> str | None:
     if not predictions.masks.any():
         return "no ground-truth mask marks a defect pixel"
     return None
+
+
+def add_threshold_outcome(metrics: dict, predictions: Predictions, threshold: float | None) -> dict:
+    """``metrics`` with the accuracy of the decisions at ``threshold``, and on a split of defect-free images
+    only, how many of them the threshold flags."""
+    if threshold is None:
+        return metrics
+    decided = predictions.scores > threshold
+    metrics["accuracy_at_threshold"] = float(np.mean(decided == (predictions.labels == 1)))
+    if "evaluation_skipped" in metrics and not predictions.labels.any():
+        metrics["false_alarms_at_threshold"] = int(decided.sum())
+        metrics["n_test_images"] = len(decided)
+    return metrics

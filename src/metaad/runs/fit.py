@@ -1,12 +1,5 @@
-"""A run: pick the data, fit a model on defect-free images, set a threshold, evaluate, write the run folder.
-
-Run folder layout::
-
-    RUN/config.json      what was run (model, parameters, data, seeds)
-    RUN/model/           model.json + model.safetensors (see checkpoint.py)
-    RUN/training/        trained methods: checkpoint, train_log.jsonl, loss_curve.png (see metaad.training)
-    RUN/threshold.json   the decision thresholds (image score, map value) and how they were set
-    RUN/metrics.json, roc.png, pro.png, scores.csv, worst/   the report on the test split
+"""A run: fit a model on defect-free images, set its thresholds, evaluate it, write the run folder
+(:mod:`metaad.runs.layout`); and ``test``, a fitted run evaluated again on a labelled split.
 
 A test split without defective images (a folder of good images only) is no obstacle: its defect-free
 images join the held-out ones that set the threshold, the run is written, and ``metrics.json`` says why it
@@ -15,81 +8,26 @@ was not evaluated (``evaluation_skipped``).
 
 from __future__ import annotations
 
-import random
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from metaad.data.datasets import (
-    AnomalyDataset,
-    DataError,
-    ImageRecord,
-    folder_records,
-    mtd_records,
-    mvtec_categories,
-    mvtec_records,
-    seeded_split,
-)
+from metaad.data.datasets import AnomalyDataset
+from metaad.data.source import DataSpec, run_split
+from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
 from metaad.device import on_device, select_device
-from metaad.io import read_json, write_json
-from metaad.models import get_config, registered_name
-from metaad.models.persistence import save_model
-from metaad.runs.evaluation import compute_metrics, predict_dataset
+from metaad.io import write_json
+from metaad.models import create_model, get_config, registered_name
+from metaad.models.persistence import load_model, save_model
+from metaad.runs import layout
+from metaad.runs.calibration import threshold_record
+from metaad.runs.evaluation import add_threshold_outcome, compute_metrics, predict_dataset
 from metaad.runs.report import write_report
-
-THRESHOLD_FILE = "threshold.json"
-
-
-@dataclass
-class DataSpec:
-    """Where the data is: ``format`` is "mvtec" (root + category), "mtd" (root) or "folder"."""
-
-    root: str
-    format: str = "auto"
-    category: str | None = None
-    abnormal_dir: str | None = None
-    mask_dir: str | None = None
-    seed: int = 0
-
-    def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        root = Path(self.root)
-        if (root / "MT_Free").is_dir():
-            return "mtd"
-        if self.category is not None or mvtec_categories(root):
-            return "mvtec"
-        return "folder"
-
-    def records(self, split: str) -> list[ImageRecord]:
-        fmt = self.resolved_format()
-        if fmt == "mtd":
-            return mtd_records(self.root, split, seed=self.seed)
-        if fmt == "mvtec":
-            if self.category is None:
-                raise DataError(
-                    f"{self.root}: MVTec-layout data needs --category; found: {', '.join(mvtec_categories(self.root))}"
-                )
-            return mvtec_records(self.root, self.category, split)
-        if fmt == "folder":
-            return folder_records(self.root, split, self.abnormal_dir, self.mask_dir, seed=self.seed)
-        raise ValueError(f"unknown data format {fmt!r}: expected auto, mvtec, mtd or folder")
-
-
-def split_calibration(records: list[ImageRecord], fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out a seeded ``fraction`` of the defect-free training images to set the threshold."""
-    if fraction <= 0:
-        return list(records), []
-    n_held = max(1, round(len(records) * fraction)) if len(records) > 1 else 0
-    return seeded_split(records, n_held, seed)
 
 
 def loading_size(model: nn.Module, requested: int | None = None) -> int:
@@ -97,52 +35,8 @@ def loading_size(model: nn.Module, requested: int | None = None) -> int:
     ``image_size``) when that is larger than the papers' 256 px, so a photograph is resized once instead of
     down to 256 and up again; else 256. Metrics are computed at this size."""
     if requested is not None:
-        return _checked_size(requested)
+        return layout.checked_size(requested)
     return max(DEFAULT_IMAGE_SIZE, getattr(model, "image_size", None) or 0)
-
-
-def _checked_size(requested: int) -> int:
-    if requested < 1:
-        raise ValueError(f"image_size must be a positive number of pixels, got {requested}")
-    return int(requested)
-
-
-def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> list[ImageRecord]:
-    """The k-shot protocol: a seeded random subset of k defect-free training images (all when None)."""
-    if shots is None or shots >= len(records):
-        return list(records)
-    if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
-    return random.Random(seed).sample(list(records), shots)
-
-
-def calibrate_threshold(good_scores: np.ndarray, false_alarm_rate: float = 0.01) -> float:
-    """The (1 - false_alarm_rate) quantile of held-out defect-free scores: no test label is looked at."""
-    if good_scores.size == 0:
-        raise ValueError("no held-out defect-free images to set a threshold from")
-    return float(np.quantile(good_scores, 1.0 - false_alarm_rate, method="higher"))
-
-
-def calibrate_pixel_threshold(good_maps: np.ndarray, false_alarm_rate: float = 0.01) -> float:
-    """The map value above which a pixel is predicted defective: the (1 - false_alarm_rate) quantile of the
-    held-out defect-free images' map maxima, so that share of good images has no predicted defect pixel."""
-    if good_maps.size == 0:
-        raise ValueError("no held-out defect-free images to set a pixel threshold from")
-    return calibrate_threshold(good_maps.reshape(len(good_maps), -1).max(axis=1), false_alarm_rate)
-
-
-def threshold_record(calibration, false_alarm_rate: float) -> dict[str, Any]:
-    """What ``threshold.json`` holds, from the held-out defect-free images' :class:`Predictions`."""
-    return {
-        "threshold": calibrate_threshold(calibration.scores, false_alarm_rate),
-        "false_alarm_rate": false_alarm_rate,
-        "n_calibration_images": len(calibration.scores),
-        "method": "quantile of held-out defect-free training images' scores",
-        "score_low": float(np.min(calibration.scores)),
-        "pixel_threshold": calibrate_pixel_threshold(calibration.maps, false_alarm_rate),
-        "pixel_method": "the same quantile of held-out defect-free training images' map maxima",
-        "map_low": float(np.percentile(calibration.maps, 1)),
-    }
 
 
 def fit_and_evaluate(
@@ -174,17 +68,11 @@ def fit_and_evaluate(
     target = select_device(device)
     out = Path(out)
     image_size = loading_size(model, image_size)
-    train_records = data.records("train")
-    test_records = data.records("test")
-    fit_records, calibration_records = split_calibration(train_records, calibration_fraction, data.seed)
-    shots_seed = data.seed if shots_seed is None else shots_seed
-    fit_records = select_shots(fit_records, shots, shots_seed)
-    if calibration_records and not any(r.label for r in test_records):  # nothing to evaluate: calibrate on all
-        calibration_records = calibration_records + test_records
-    train_set = AnomalyDataset(fit_records, image_size, on_error)
-    test_set = AnomalyDataset(test_records, image_size, on_error)
+    split = run_split(data, calibration_fraction, shots, shots_seed)
+    train_set = AnomalyDataset(split.fit, image_size, on_error)
+    test_set = AnomalyDataset(split.test, image_size, on_error)
     write_json(
-        out / "config.json",
+        out / layout.CONFIG_FILE,
         {
             "model": registered_name(model),
             "preset": preset,
@@ -192,7 +80,7 @@ def fit_and_evaluate(
             "data": vars(data),
             "image_size": image_size,
             "shots": shots,
-            "shots_seed": shots_seed,
+            "shots_seed": data.seed if shots_seed is None else shots_seed,
             "calibration_fraction": calibration_fraction,
             "false_alarm_rate": false_alarm_rate,
             "batch_size": batch_size,
@@ -207,27 +95,24 @@ def fit_and_evaluate(
     model.fit(
         DataLoader(train_set, batch_size=batch_size, shuffle=False),
         progress=progress,
-        workdir=out / "training",
+        workdir=out / layout.TRAINING_DIR,
         resume=resume,
     )
     fit_seconds = time.perf_counter() - tic
-    model.eval().cpu()
-    save_model(model, out / "model")
+    save_model(model.eval(), out / layout.MODEL_DIR)  # tensors are copied to the CPU as they are written
     fitted = model
-    model = on_device(fitted, device)
-    threshold = pixel_threshold = None
-    (out / THRESHOLD_FILE).unlink(missing_ok=True)  # a refit without calibration must not keep an old one
-    if calibration_records:
-        calibration_set = AnomalyDataset(calibration_records, image_size, on_error)
+    model = on_device(fitted, device)  # already there: no move
+    thresholds: dict[str, Any] = {}
+    (out / layout.THRESHOLD_FILE).unlink(missing_ok=True)  # a refit without calibration must not keep an old one
+    if split.calibration:
+        calibration_set = AnomalyDataset(split.calibration, image_size, on_error)
         calibration = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
-        record = threshold_record(calibration, false_alarm_rate)
-        threshold, pixel_threshold = record["threshold"], record["pixel_threshold"]
-        write_json(out / THRESHOLD_FILE, record)
+        thresholds = threshold_record(calibration, false_alarm_rate)
+        write_json(out / layout.THRESHOLD_FILE, thresholds)
     predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
     metrics = compute_metrics(predictions)
-    if threshold is not None and "evaluation_skipped" not in metrics:  # else its images set the threshold
-        decided = predictions.scores > threshold
-        metrics["accuracy_at_threshold"] = float(np.mean(decided == (predictions.labels == 1)))
+    if "evaluation_skipped" not in metrics:  # else its images set the threshold
+        add_threshold_outcome(metrics, predictions, thresholds.get("threshold"))
     metrics.update(
         fit_seconds=fit_seconds,
         ms_per_image=predictions.ms_per_image,
@@ -236,43 +121,80 @@ def fit_and_evaluate(
     )
     if hasattr(fitted, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
         metrics["fitted"] = fitted.fit_summary()
-    write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
+    write_report(
+        out, predictions, metrics, thresholds.get("threshold"), pixel_threshold=thresholds.get("pixel_threshold")
+    )
     fitted.cpu()  # the caller's model comes back where it was saved from, whatever device scored it
     return metrics
 
 
-def run_image_size(run: str | Path, requested: int | None = None) -> int:
-    """The side a run's model was fitted and evaluated at (its ``config.json``), unless ``requested``."""
-    if requested is not None:
-        return _checked_size(requested)
-    config_path = Path(run) / "config.json"
-    if not config_path.is_file():
-        return DEFAULT_IMAGE_SIZE
-    return int(read_json(config_path).get("image_size", DEFAULT_IMAGE_SIZE))
+def test_run(
+    run: str | Path,
+    data: DataSpec,
+    out: str | Path | None = None,
+    image_size: int | None = None,
+    batch_size: int = 16,
+    on_error: str = "raise",
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a fitted run folder on ``data``'s test split; the report goes to ``out`` (default RUN/test)."""
+    out = Path(out) if out is not None else Path(run) / layout.TEST_DIR
+    layout.check_out_folder(out, "a report")
+    model = on_device(load_model(run), device)
+    dataset = AnomalyDataset(data.records("test"), layout.run_image_size(run, image_size), on_error)
+    predictions = predict_dataset(model, dataset, batch_size, progress)
+    metrics = compute_metrics(predictions)
+    metrics["ms_per_image"] = predictions.ms_per_image
+    thresholds = layout.read_thresholds(run)
+    add_threshold_outcome(metrics, predictions, thresholds.get("threshold"))
+    threshold, pixel_threshold = thresholds.get("threshold"), thresholds.get("pixel_threshold")
+    write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
+    return metrics
 
 
-def read_threshold(run: str | Path) -> float | None:
-    """The calibrated threshold of a run folder, or None if it has none."""
-    return read_thresholds(run).get("threshold")
+test_run.__test__ = False  # a library function, not a pytest test
 
 
-def read_thresholds(run: str | Path) -> dict[str, Any]:
-    """A run's ``threshold.json`` (see :func:`threshold_record`; older runs hold the image threshold only),
-    or an empty dict when the run has no threshold."""
-    path = Path(run) / THRESHOLD_FILE
-    return read_json(path) if path.is_file() else {}
+def benchmark(
+    models: list[str],
+    data: DataSpec,
+    out: str | Path,
+    preset: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 16,
+    on_error: str = "raise",
+    device: str = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """Fit and evaluate each of ``models`` on ``data`` (every training image fitted, no threshold), one run
+    folder each under ``out``, and ``out/benchmark.json`` with all their metrics."""
+    results = {}
+    for name in models:
+        results[name] = fit_and_evaluate(
+            create_model(name, preset),
+            data,
+            Path(out) / name,
+            image_size=image_size,
+            batch_size=batch_size,
+            calibration_fraction=0.0,
+            on_error=on_error,
+            preset=preset,
+            device=device,
+        )
+    write_json(Path(out) / "benchmark.json", results)
+    return results
 
 
-def read_config(run: str | Path) -> dict[str, Any]:
-    """A run's ``config.json`` (what was fitted, on which data), or an empty dict for a bare model folder."""
-    path = Path(run) / "config.json"
-    return read_json(path) if path.is_file() else {}
+def demo(out: str | Path, category: str | None = None, preset: str | None = "cpu", say=print) -> dict[str, Any]:
+    """The built-in synthetic data set written to ``out/data`` (once), PatchCore fitted on it, ``out/run``."""
+    out = Path(out)
+    category = category or CATEGORIES[0]
+    root = out / "data"
+    if not (root / category).is_dir():
+        say(f"writing the synthetic data set '{category}' to {root}")
+        make_synthetic_dataset(root, categories=[category])
+    if preset == "cpu":
+        say("fitting PatchCore with its CPU preset (--preset cpu; --preset paper for the paper's settings)")
+    model = create_model("patchcore", preset)
+    return fit_and_evaluate(model, DataSpec(str(root), "mvtec", category), out / "run", preset=preset)
 
-
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads in torch and faiss (default: all cores)."""
-    if threads:
-        torch.set_num_threads(threads)
-        import faiss
-
-        faiss.omp_set_num_threads(threads)

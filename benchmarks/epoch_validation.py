@@ -26,12 +26,13 @@ from PIL import Image
 
 from common import REPO, parse_param, record, require_data
 from metaad.data.datasets import list_images, mtd_records
+from metaad.data.source import split_calibration
 from metaad.data.synthetic import SURFACE_DEFECTS
 from metaad.data.transforms import denormalize, pil_to_tensor
 from metaad.metrics import evaluate
 from metaad.models import create_model, get_config
-from metaad.runs.fit import loading_size, set_threads, split_calibration
-from metaad.training import epoch_end_hook
+from metaad.runs.fit import loading_size
+from metaad.runtime import set_threads
 from metaad.types import NotFittedError, TrainableModel, model_params
 from patchcore_validation import validation_set
 
@@ -104,8 +105,7 @@ def main() -> None:
             "best_epoch_by_image_auroc": best["epoch"], "curve": curve,
         })
 
-    with epoch_end_hook(validate):
-        model.fit(fit_images, workdir=workdir)
+    model.fit(fit_images, workdir=workdir, on_epoch_end=validate)  # every stage's epochs, as fit trains them
     if not curve or curve[-1]["epoch"] != args.epochs:
         validate(args.epochs, model)  # a method whose fit ends with more than training
 

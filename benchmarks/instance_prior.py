@@ -27,7 +27,7 @@ from torch import nn
 
 from common import REPO, SHARED_DATA, record, require_data
 from metaad.data.saliency import list_saliency_folder
-from metaad.data.transforms import mask_to_tensor, normalize, pil_to_tensor
+from metaad.data.transforms import mask_to_tensor, pil_to_tensor
 from metaad.metrics.saliency import SaliencyMetrics
 from metaad.models.metaformer.instance_prior import SHIPPED_WEIGHTS, load_instance_prior
 from metaad.models.metaformer.saliency_baselines import CenterBiasGaussian, SpectralResidual
@@ -42,7 +42,7 @@ class _Zeros(nn.Module):
 
 def _load(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
-        return normalize(pil_to_tensor(image, 256))
+        return pil_to_tensor(image, 256)
 
 
 def evaluate(methods: dict[str, nn.Module], samples: list, batch_size: int = 16) -> dict[str, dict]:
@@ -66,7 +66,7 @@ def evaluate(methods: dict[str, nn.Module], samples: list, batch_size: int = 16)
 
 
 def time_ms(method: nn.Module, runs: int = 20) -> float:
-    image = torch.randn(1, 3, 256, 256)
+    image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
         for _ in range(3):
             method(image)
@@ -96,7 +96,7 @@ def render_figure(prior: nn.Module, ecssd: list, path: Path, seed: int = 0) -> N
         with Image.open(image_path) as image:
             shown = pil_to_tensor(image, 256)
         with torch.inference_mode():
-            response = prior(normalize(shown)[None])[0, 0]
+            response = prior(shown[None])[0, 0]
         with Image.open(mask_path) as mask:
             truth = mask_to_tensor(mask, 256)[0]
         panels = (shown.permute(1, 2, 0), response, truth)

@@ -52,8 +52,18 @@ NOT_LEARNING_AT_TINY: dict[str, str] = {
 }
 
 
+@pytest.fixture
+def weight_reads(monkeypatch):
+    """Calls of the one function that reads a backbone's pretrained weights."""
+    import metaad.backbones.registry as registry
+
+    reads, original = [], registry.load_pretrained
+    monkeypatch.setattr(registry, "load_pretrained", lambda *a, **k: reads.append(a) or original(*a, **k))
+    return reads
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_method_conforms(name, data, tmp_path, no_network):
+def test_method_conforms(name, data, tmp_path, no_network, weight_reads):
     cls = model_class(name)
     assert {"paper", "cpu", "tiny"} <= set(cls.PRESETS), f"{name} must declare paper, cpu and tiny presets"
     assert REGISTRY[name].trains == hasattr(cls, "training_loss")
@@ -61,6 +71,7 @@ def test_method_conforms(name, data, tmp_path, no_network):
     torch.manual_seed(123)  # a method must not depend on the global seed: the second fit below uses another
     model = create_model(name, "tiny")
     assert isinstance(model, AnomalyModel) and isinstance(model, torch.nn.Module)
+    assert isinstance(cls.SAVED_WITHOUT, dict) and weight_reads == []  # the constructor builds, never reads
     with pytest.raises(NotFittedError):  # never a silent score from untrained weights or an empty bank
         model.predict(good)
     assert model.fit(train, workdir=tmp_path / "training") is model
@@ -68,6 +79,11 @@ def test_method_conforms(name, data, tmp_path, no_network):
     prediction = model.eval().predict(images)
     assert prediction.scores.shape == (8,) and prediction.maps.shape == (8, SIZE, SIZE)
     assert torch.isfinite(prediction.scores).all() and torch.isfinite(prediction.maps).all()
+    assert isinstance(model.fit_summary(), dict)
+    with torch.no_grad():  # the export path is predict's computation (up to its exact search, for PatchCore)
+        scores, maps = model.export_forward(images)
+    torch.testing.assert_close(scores, prediction.scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(maps, prediction.maps, rtol=1e-4, atol=1e-4)
     # a synthetic defect is scored above every good image (not asked of a method known not to learn at "tiny")
     if name not in NOT_LEARNING_AT_TINY:
         assert prediction.scores[4:].min() > prediction.scores[:4].max(), prediction.scores
@@ -76,7 +92,9 @@ def test_method_conforms(name, data, tmp_path, no_network):
     assert other.maps.shape == (2, 48, 80)
     # save / load identity
     save_model(model, tmp_path / "model")
+    reads_by_fit = len(weight_reads)
     again = load_model(tmp_path / "model").predict(images)
+    assert len(weight_reads) == reads_by_fit  # a saved model's frozen backbone is in its state dict
     assert torch.equal(again.scores, prediction.scores) and torch.equal(again.maps, prediction.maps)
     # config round trip, exact and JSON-serialisable
     config = get_config(model)

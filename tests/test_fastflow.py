@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from metaad.data.datasets import mvtec_records
-from metaad.data.transforms import exposure_variation, pil_to_tensor
+from metaad.data.transforms import pil_to_tensor
 from metaad.io import read_json
 from metaad.models import create_model
 from metaad.models.fastflow import FastFlow
@@ -111,7 +111,8 @@ def test_interrupted_and_resumed_training_ends_bit_identical(tmp_path):
         raise StopTrainingError  # after the first epoch's checkpoint
 
     killed = FastFlow(**settings)
-    killed.exposure_variation = torch.tensor(exposure_variation([images]))  # what fit measures first
+    killed.feature_extractor.load_weights()  # what fit does first
+    killed.preprocess.measure([images])
     with pytest.raises(StopTrainingError):
         train_model(killed, images, workdir=tmp_path / "resumed", on_epoch_end=interrupt)
     assert read_json(tmp_path / "resumed" / "checkpoint.json")["epoch"] == 1

@@ -5,7 +5,15 @@ import torch
 
 from metaad.components.partial_conv import PartialConv2d
 from metaad.models import create_model
-from metaad.models.glance import DADHead, GlobalNet, LocalNet, grid_origins, idw_map, random_stains
+from metaad.models.glance import (
+    DADHead,
+    GlobalNet,
+    LocalNet,
+    grid_origins,
+    idw_map,
+    random_stains,
+    training_patches,
+)
 
 
 def test_partial_conv_is_a_convolution_when_nothing_is_masked():
@@ -85,9 +93,9 @@ def test_resume_is_bit_identical(tmp_path):
     interrupted = create_model("glance", "tiny", **tiny)
     calls = []
 
-    def dies_in_the_second_global_epoch(images):
+    def dies_in_the_second_global_epoch(images):  # training_loss is the last stage's (after the distillation)
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return type(interrupted).training_loss(interrupted, images)
 
@@ -117,7 +125,36 @@ def test_fitted_descriptors_are_standardised_for_the_global_stage():
     model = create_model("glance", "tiny", global_epochs=1).fit(train)
     assert not torch.equal(model.descriptor_std, torch.ones(128))  # fitted, not the constructed identity
     torch.manual_seed(0)
-    patches = torch.cat([model._patch_and_image(model._resize(train, 256))[0] for _ in range(8)])
+    patches = torch.cat([training_patches(train, 256, 33, whole_image=False)[0] for _ in range(8)])
     with torch.no_grad():
         features = model.local_features(patches)
     assert features.mean(0).abs().mean() < 0.5 and 0.5 < features.std(0).mean() < 1.5
+
+
+def test_the_stages_run_in_order_each_with_its_own_loss(tmp_path, monkeypatch):
+    """Distillation on general images, then on the category, then the Global-Net and DAD head (C.1)."""
+    from PIL import Image
+
+    from metaad.models import glance
+
+    (tmp_path / "general").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (60 * i, 90, 120)).save(tmp_path / "general" / f"{i}.png")
+    stages = []
+    real = glance.train_model
+
+    def recorded(model, data, **kwargs):
+        trains = sorted({name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad})
+        stages.append((type(model).__name__, model.training_settings().epochs, len(data), trains))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(glance, "train_model", recorded)
+    model = create_model("glance", "tiny", pretrain_folders=(str(tmp_path / "general"),), pretrain_epochs=1,
+                         local_epochs=2, global_epochs=1)
+    model.fit(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), workdir=tmp_path / "run")
+    assert stages == [
+        ("LocalDistillation", 1, 2, ["decoder", "local_net"]),
+        ("LocalDistillation", 2, 4, ["decoder", "local_net"]),
+        ("Glance", 1, 4, ["dad_head", "global_net"]),
+    ]
+    assert all((tmp_path / "run" / folder / "train_log.jsonl").is_file() for folder in ("pretrain", "local", "."))

@@ -5,18 +5,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import shared_data
 from metaad.data.datasets import DataError
 from metaad.data.saliency import disjoint_split, list_saliency_folder, load_square_masks
 from metaad.data.transforms import normalize
+from metaad.io import load_checkpoint_file, load_tensors
 from metaad.metrics.saliency import SaliencyMetrics, f_measure_curves, mae, max_f_measure
 from metaad.models.metaformer.instance_prior import (
     SHIPPED_WEIGHTS,
@@ -128,7 +134,7 @@ def test_generator_shapes_frozen_encoder_and_working_size() -> None:
     generator = Generator(decoder_channels=(8, 8, 8, 8, 4), working_size=32)
     assert not generator.bn1.training  # the frozen encoder's batch-norm statistics never update
     generator.eval()
-    images = normalize(torch.rand(2, 3, 48, 40))
+    images = torch.rand(2, 3, 48, 40)  # [0, 1] RGB: P normalises inside
     response = generator(images)
     assert response.shape == (2, 1, 48, 40)
     assert response.min() >= 0 and response.max() <= 1
@@ -216,7 +222,7 @@ def test_baselines_center_bias_and_spectral_residual() -> None:
     generator = torch.Generator().manual_seed(0)
     gray = (0.5 + 0.1 * torch.randn(1, 1, 128, 128, generator=generator)).expand(1, 3, -1, -1).clone()
     gray[..., 40:56, 80:96] = 1.0  # one bright square pops out of a noisy background
-    saliency = SpectralResidual()(normalize(gray))
+    saliency = SpectralResidual()(gray)
     assert saliency.shape == (1, 1, 128, 128) and saliency.min() >= 0 and saliency.max() <= 1
     inside = torch.zeros(128, 128, dtype=torch.bool)
     inside[40:56, 80:96] = True
@@ -249,8 +255,56 @@ def test_training_logs_checkpoints_exports_and_resumes_exactly(saliency_root: Pa
 
     with pytest.raises(FileExistsError, match="resume"):
         train_instance_prior([saliency_root], tmp_path / "resumed", PriorTrainingConfig(**TINY), progress=False)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"another training \(config.lr: saved 0.002, now 0.0001;"):
         _train(saliency_root, tmp_path / "resumed", epochs=3, lr=1e-4)
+
+
+_PACED_TRAINING = """
+import json, sys, time
+from metaad.models.metaformer import prior_training
+
+epoch = prior_training._train_epoch
+def paced(*args):  # a pause after each epoch, so that the kill lands mid-training
+    record = epoch(*args)
+    time.sleep(0.3)
+    return record
+
+prior_training._train_epoch = paced
+config = prior_training.PriorTrainingConfig(**json.loads(sys.argv[3]))
+prior_training.train_instance_prior([sys.argv[1]], sys.argv[2], config, progress=False)
+"""
+
+
+def test_train_prior_killed_by_sigkill_and_resumed_is_bit_identical(saliency_root: Path, tmp_path: Path) -> None:
+    """A training process SIGKILLed wherever it is after epoch 2's log line, resumed in this one: the averaged
+    G, G, D and both Adam states end as if it had never stopped."""
+    settings = {**TINY, "epochs": 6, "max_steps_per_epoch": 2}
+    straight = _train(saliency_root, tmp_path / "straight", **settings)
+    killed, errors = tmp_path / "killed", tmp_path / "stderr.txt"
+    with open(errors, "wb") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", _PACED_TRAINING, str(saliency_root), str(killed),
+                                  json.dumps(settings)], stdout=subprocess.DEVNULL, stderr=stderr)
+    log, deadline = killed / "log.jsonl", time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if (killed / "checkpoint.safetensors").is_file() and log.is_file() and '"epoch": 2' in log.read_text():
+            break
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, errors.read_text()[-2000:]
+    done = int(load_checkpoint_file(killed / "checkpoint.safetensors")[1]["epoch"])
+    assert 1 <= done < 6, "the kill must land mid-training"
+    resumed = _train(saliency_root, killed, **settings)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    expected, got = (
+        {k: v for k, v in load_tensors(out / "checkpoint.safetensors").items() if not k.startswith("rng.")}
+        for out in (tmp_path / "straight", killed)
+    )
+    assert expected.keys() == got.keys() and {k.split(".")[0] for k in got} == {
+        "generator", "discriminator", "average", "optim_g", "optim_d"}
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    epochs = [r["epoch"] for r in map(json.loads, log.read_text().splitlines()) if "epoch" in r]
+    assert epochs == [1, 2, 3, 4, 5, 6]
 
 
 def _synthetic_data(count: int, size: int) -> _Data:
@@ -324,8 +378,13 @@ def test_shipped_generator_loads_offline_frozen(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(socket, "socket", no_network)
     prior = load_instance_prior()
     assert not prior.training and not any(p.requires_grad for p in prior.parameters())
-    response = prior(normalize(torch.rand(2, 3, 64, 64)))
+    images = torch.rand(2, 3, 64, 64)
+    response = prior(images)
     assert response.shape == (2, 1, 64, 64) and response.min() >= 0 and response.max() <= 1
+    with torch.no_grad():  # [0, 1] in; what it runs on is the ImageNet-normalised image (its decoder's input)
+        small = F.interpolate(normalize(images), size=(prior.working_size,) * 2, mode="bilinear", antialias=True)
+        expected = F.interpolate(prior.respond(small), size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(response, expected.clamp(0, 1))
 
 
 def test_real_saliency_folders_are_complete() -> None:

@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaad.components.ssim import global_ssim, ssim, ssim_loss
 from metaad.io import load_tensors, save_tensors
+from metaad.models.metaformer import maml
 from metaad.models.metaformer.maml import (
     MetaTrainConfig,
     WildImages,
@@ -343,13 +344,17 @@ def test_sample_tasks_is_seeded_and_disjoint():
     )
 
 
-def _tiny_run(tmp_path: Path, epochs: int, out: Path, resume: bool = False) -> Metaformer:
+def _tiny_run(tmp_path: Path, epochs: int, out: Path, resume: bool = False, inner_lr: float = 0.1) -> Metaformer:
+    """Meta-training on 16 wild images in 4 groups: 2 outer steps of 2 tasks an epoch, lr decayed every epoch."""
     torch.manual_seed(0)
     model = Metaformer(**TINY)
     paths = list_wild_images([tmp_path / "wild"])
     data = WildImages(paths, model, progress=False)
-    config = MetaTrainConfig(epochs=epochs, batch_size=2, tasks_per_step=2, inner_lr=0.1, outer_lr=1e-2, decay_every=1)
-    meta_train(model, data, [list(range(0, 6)), list(range(6, 12))], out, config, resume=resume, progress=False)
+    config = MetaTrainConfig(
+        epochs=epochs, batch_size=2, tasks_per_step=2, inner_lr=inner_lr, outer_lr=1e-2, decay_every=1
+    )
+    groups = [list(range(start, start + 4)) for start in range(0, 16, 4)]
+    meta_train(model, data, groups, out, config, resume=resume, progress=False)
     return model
 
 
@@ -375,21 +380,42 @@ def test_wild_priors_are_cached_and_read_back_instead_of_computed(tmp_path, monk
         WildImages(paths, Metaformer(**{**TINY, "image_size": 64}), progress=False, cache_dir=tmp_path / "out")
 
 
-def test_checkpoint_resume_gives_the_same_state(tmp_path):
-    _write_images(tmp_path / "wild", 12)
-    straight = _tiny_run(tmp_path, 2, tmp_path / "straight")
-    _tiny_run(tmp_path, 1, tmp_path / "resumed")
-    resumed = _tiny_run(tmp_path, 2, tmp_path / "resumed", resume=True)
+class KilledError(Exception):
+    """Stands for a kill: the process ends there, its objects are never used again."""
+
+
+def test_meta_train_killed_mid_epoch_and_resumed_is_bit_identical_then_adapts_from_it(tmp_path, monkeypatch):
+    """Killed after the first outer step of epoch 2 (taken, never checkpointed), resumed from epoch 1's
+    checkpoint by a new model: weights, Adam state and history as if it had never stopped."""
+    _write_images(tmp_path / "wild", 16)
+    straight = _tiny_run(tmp_path, 3, tmp_path / "straight")
+    steps_taken, meta_step = [], maml.meta_step
+
+    def step_then_die(*args) -> float:
+        steps_taken.append(meta_step(*args))
+        if len(steps_taken) == 3:
+            raise KilledError
+        return steps_taken[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(maml, "meta_step", step_then_die)
+        with pytest.raises(KilledError):
+            _tiny_run(tmp_path, 3, tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed/progress.json").read_text())["epoch"] == 1
+    with pytest.raises(ValueError, match=r"another training \(config.inner_lr: saved 0.1, now 0.2\)"):
+        _tiny_run(tmp_path, 3, tmp_path / "resumed", resume=True, inner_lr=0.2)
+    resumed = _tiny_run(tmp_path, 3, tmp_path / "resumed", resume=True)
     for name, value in straight.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        assert torch.equal(resumed.state_dict()[name], value), name
     a, b = (
         load_tensors(tmp_path / "straight/checkpoint.safetensors"),
         load_tensors(tmp_path / "resumed/checkpoint.safetensors"),
     )
+    a, b = ({k: v for k, v in t.items() if not k.startswith("rng.")} for t in (a, b))
     assert a.keys() == b.keys() and any(k.endswith("exp_avg_sq") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    progress = (tmp_path / "resumed/progress.json").read_text()
-    assert '"epoch": 2' in progress
+    progress = json.loads((tmp_path / "resumed/progress.json").read_text())
+    assert [r["epoch"] for r in progress["history"]] == [1, 2, 3]
 
     universal = tmp_path / "straight/universal.safetensors"
     adapted = Metaformer(**{**TINY, "init": str(universal)}, adapt_epochs=0).fit(_images(2))

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from metaad.components.coreset import greedy_coreset
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.datasets import AnomalyDataset, mvtec_records
-from metaad.data.transforms import exposure_variation
+from metaad.data.transforms import EXPOSURE_VARIATION_LIMIT, exposure_variation
 from metaad.io import load_tensors, read_json, save_tensors, write_json
 from metaad.metrics import image_auroc
 from metaad.models import create_model
@@ -140,6 +140,7 @@ def test_border_padding_keeps_the_grid_and_reduces_zero_padding_artefacts():
     flat = torch.full((1, 3, 128, 128), 0.5)
 
     def spread(model: PatchCore) -> tuple[torch.Size, float]:
+        model.feature_extractor.load_weights()  # what fit does first
         features = model.embed(flat)[0]
         return features.shape, float((features - features.mean((1, 2), keepdim=True)).norm(dim=0).max())
 
@@ -161,11 +162,13 @@ def test_auto_standardization_follows_the_training_exposure_and_makes_scores_exp
     gains = torch.linspace(0.5, 1.2, len(images)).view(-1, 1, 1, 1)  # shots of varying exposure
     varied = images * gains
     steady = PatchCore(image_size=64, coreset_ratio=0.5, search="exact").fit(images, progress=False)
-    assert float(steady.exposure_variation) < PatchCore.EXPOSURE_VARIATION_LIMIT and not steady.standardizing
+    assert float(steady.preprocess.exposure_variation) < EXPOSURE_VARIATION_LIMIT
+    assert not steady.preprocess.standardizing
     adaptive = PatchCore(image_size=64, coreset_ratio=0.5, search="exact")
     adaptive.fit(iter([varied]), progress=False)  # a one-shot iterable
-    assert float(adaptive.exposure_variation) == pytest.approx(exposure_variation([varied]))
-    assert float(adaptive.exposure_variation) > PatchCore.EXPOSURE_VARIATION_LIMIT and adaptive.standardizing
+    assert float(adaptive.preprocess.exposure_variation) == pytest.approx(exposure_variation([varied]))
+    assert float(adaptive.preprocess.exposure_variation) > EXPOSURE_VARIATION_LIMIT
+    assert adaptive.preprocess.standardizing
     probe = images[:3]
     darker = _reexposed(probe, 0.6, 0.02)
     assert torch.allclose(adaptive.predict(darker).scores, adaptive.predict(probe).scores, rtol=1e-3)
@@ -184,11 +187,54 @@ def test_model_saved_before_standardization_loads_with_the_settings_it_was_fitte
         del config["params"][key]
     write_json(tmp_path / "model.json", config)
     state = load_tensors(tmp_path / "model.safetensors")
-    del state["exposure_variation"]
+    del state["preprocess.exposure_variation"]
     save_tensors(tmp_path / "model.safetensors", state)
     loaded = load_model(tmp_path)
-    assert loaded.standardize_images == "never" and loaded.border_padding == 0 and not loaded.standardizing
+    assert loaded.standardize_images == "never" and loaded.border_padding == 0
+    assert not loaded.preprocess.standardizing
     assert loaded.image_size is None  # it took its images as they came
+
+
+def test_a_save_with_the_exposure_buffer_of_its_old_name_loads_it(fitted, tmp_path):
+    """metaad kept ``exposure_variation`` on the method itself before the preprocessing module held it."""
+    model, batch = fitted
+    model.preprocess.exposure_variation.fill_(0.25)  # "auto" standardises above 0.1
+    try:
+        expected = model.predict(batch["image"][:4])
+        save_model(model, tmp_path)
+    finally:
+        model.preprocess.exposure_variation.fill_(float("nan"))
+    state = load_tensors(tmp_path / "model.safetensors")
+    state["exposure_variation"] = state.pop("preprocess.exposure_variation")
+    save_tensors(tmp_path / "model.safetensors", state)
+    loaded = load_model(tmp_path)
+    assert float(loaded.preprocess.exposure_variation) == 0.25 and loaded.preprocess.standardizing
+    assert torch.equal(loaded.predict(batch["image"][:4]).scores, expected.scores)
+
+
+def test_backbone_weights_are_read_by_fit_once_and_never_by_load_model(fitted, tmp_path, monkeypatch):
+    import metaad.backbones.registry as registry
+
+    reads = []
+    original = registry.load_pretrained
+    monkeypatch.setattr(registry, "load_pretrained", lambda *a, **k: reads.append(a) or original(*a, **k))
+    model, batch = fitted
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert reads == []  # the frozen backbone's weights come from the state dict
+    assert torch.equal(loaded.predict(batch["image"]).scores, model.predict(batch["image"]).scores)
+    PatchCore(image_size=64, coreset_ratio=0.25, search="exact").fit(batch["image"][:4])
+    assert len(reads) == 1
+
+
+def test_export_forward_is_predict_with_an_exact_search(fitted):
+    """Eq. 7 is one function; the export path's exact search in tensor operations agrees with faiss's."""
+    model, batch = fitted
+    images = batch["image"][:6]
+    scores, maps = model.export_forward(images)
+    prediction = model.predict(images)
+    torch.testing.assert_close(scores, prediction.scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(maps, prediction.maps, rtol=1e-4, atol=1e-4)
 
 
 def test_working_size_resizes_any_input_and_returns_maps_at_the_input_size(fitted):

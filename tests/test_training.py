@@ -1,9 +1,11 @@
-"""The shared training loop: seeded order, checkpoint + resume (bit-identical), loss log, data parallelism."""
+"""The shared training loop: seeded order, checkpoint + resume (bit-identical), loss log, data parallelism; the one
+checkpoint format of every training loop."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,9 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
-from metaad.io import load_tensors, save_tensors
-from metaad.training import epoch_end_hook, train_model
+from metaad.io import load_tensors, save_checkpoint_file, save_tensors
+from metaad.training import train_model
+from metaad.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from metaad.training.data import TrainImages
 from metaad.types import AnomalyPrediction, TrainableModel, TrainingSettings
 
@@ -30,12 +34,15 @@ class TinyReconstructor(nn.Module):
     """A minimal trainable method: a 2-layer conv autoencoder with a noise augmentation (global RNG)."""
 
     PRESETS: ClassVar[dict[str, dict]] = {"paper": {}, "cpu": {}, "tiny": {}}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
 
     def __init__(
-        self, epochs: int = 4, batch_size: int = 4, lr: float = 1e-2, noise: float = 0.05, seed: int = 0
+        self, epochs: int = 4, batch_size: int = 4, lr: float = 1e-2, noise: float = 0.05, seed: int = 0,
+        noise_source: str = "torch",
     ) -> None:
         super().__init__()
         self.epochs, self.batch_size, self.lr, self.noise, self.seed = epochs, batch_size, lr, noise, seed
+        self.noise_source = noise_source  # "torch", or "numpy": numpy's global RNG, which the loop never seeds
         self.image_size = None
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -46,11 +53,22 @@ class TinyReconstructor(nn.Module):
                                 seed=self.seed)
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
-        noisy = images + self.noise * torch.randn_like(images)  # randomness that must repeat on resume
+        if self.noise_source == "numpy":
+            noise = torch.from_numpy(np.random.standard_normal(images.shape)).float()
+        else:
+            noise = torch.randn_like(images)
+        noisy = images + self.noise * noise  # randomness that must repeat on resume
         return (self.net(noisy) - images).pow(2).mean()
 
-    def fit(self, train, *, progress=False, workdir=None, resume=False):
-        return train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+    def fit(self, train, *, progress=False, workdir=None, resume=False, on_epoch_end=None):
+        return train_model(self, train, progress=progress, workdir=workdir, resume=resume, on_epoch_end=on_epoch_end)
+
+    def export_forward(self, images):
+        maps = (self.net(images) - images).pow(2).mean(1)
+        return maps.flatten(1).amax(1), maps
+
+    def fit_summary(self):
+        return {}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
@@ -80,50 +98,65 @@ def test_training_reduces_the_loss_and_writes_log_and_curve(tmp_path):
     assert not model.training
 
 
-def test_epoch_end_hook_sees_every_epoch_of_every_fit_inside_its_block_only():
+def test_on_epoch_end_sees_every_epoch_of_its_fit_only_with_the_model_in_train_mode():
     seen = []
-    with epoch_end_hook(lambda epoch, model: seen.append(epoch)):
-        TinyReconstructor(epochs=2).fit(_images())
-        TinyReconstructor(epochs=3).fit(_images())  # a second stage restarts the count
+
+    def look(epoch: int, model: nn.Module) -> None:
+        seen.append((epoch, model.training))
+        model.eval()  # e.g. to validate: the loop puts it back in train mode
+
+    TinyReconstructor(epochs=3).fit(_images(), on_epoch_end=look)
     TinyReconstructor(epochs=2).fit(_images())
-    assert seen == [1, 2, 1, 2, 3]
+    assert seen == [(1, True), (2, True), (3, True)]
 
 
-def test_killed_and_resumed_training_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-    images = _images()
-    whole = TinyReconstructor().fit(images, workdir=tmp_path / "whole")
+class KilledError(Exception):
+    """Stands for a kill: the process ends after the epoch's checkpoint, its objects are never used again."""
 
-    class KilledError(Exception):
-        pass
 
-    def kill_after_two(epoch: int, model: nn.Module) -> None:
-        if epoch == 2:
+def _kill_after(last: int) -> Callable[[int, nn.Module], None]:
+    def hook(epoch: int, model: nn.Module) -> None:
+        if epoch == last:
             raise KilledError
 
+    return hook
+
+
+def _trained_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights and optimiser state (its RNG states differ with what the test process drew)."""
+    return {k: v for k, v in load_tensors(checkpoint).items() if not k.startswith("rng.")}
+
+
+@pytest.mark.parametrize("noise_source", ["torch", "numpy"])
+def test_killed_and_resumed_training_is_bit_identical_to_an_uninterrupted_one(tmp_path, noise_source):
+    """Killed after epoch 2 of 4 (where the learning rate halves), resumed as a new process would: other RNG
+    states, a new model. Weights, Adam state, schedule and log end as if it had never stopped; with numpy's
+    global RNG (never seeded by the loop) only because the checkpoint holds its state."""
+    images = _images()
+    np.random.seed(0)
+    whole = TinyReconstructor(noise_source=noise_source).fit(images, workdir=tmp_path / "whole")
+    np.random.seed(0)
     with pytest.raises(KilledError):
-        train_model(TinyReconstructor(), images, workdir=tmp_path / "killed", on_epoch_end=kill_after_two)
-    resumed = TinyReconstructor().fit(images, workdir=tmp_path / "killed", resume=True)
+        TinyReconstructor(noise_source=noise_source).fit(images, workdir=tmp_path / "killed",
+                                                         on_epoch_end=_kill_after(2))
+    np.random.seed(1)
+    torch.manual_seed(1)
+    resumed = TinyReconstructor(noise_source=noise_source).fit(images, workdir=tmp_path / "killed", resume=True)
     for name, value in _state(whole).items():
         assert torch.equal(resumed.state_dict()[name], value), name
-    log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
-    assert len(log) == 4
+    expected = _trained_tensors(tmp_path / "whole" / "checkpoint.safetensors")
+    got = _trained_tensors(tmp_path / "killed" / "checkpoint.safetensors")
+    assert expected.keys() == got.keys() and any(k.endswith("exp_avg_sq") for k in got)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    log = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == [1e-2, 5e-3, 5e-3, 5e-3]
 
 
 def test_a_kill_between_checkpoint_writes_neither_repeats_nor_skips_an_epoch(tmp_path):
     """The CI failure this guards: weights of epoch 3 beside a progress record of epoch 2 trained epoch 3 twice."""
     images = _images()
     whole = TinyReconstructor().fit(images, workdir=tmp_path / "whole")
-
-    class KilledError(Exception):
-        pass
-
-    def kill_after(last: int) -> Callable[[int, nn.Module], None]:
-        def hook(epoch: int, model: nn.Module) -> None:
-            if epoch == last:
-                raise KilledError
-
-        return hook
-
+    kill_after = _kill_after
     killed = tmp_path / "killed"
     with pytest.raises(KilledError):
         train_model(TinyReconstructor(), images, workdir=killed, on_epoch_end=kill_after(2))
@@ -147,24 +180,80 @@ def test_a_kill_between_checkpoint_writes_neither_repeats_nor_skips_an_epoch(tmp
     assert epochs == [1, 2, 3, 4]
 
 
-def test_a_checkpoint_of_an_older_metaad_resumes_from_its_json_when_the_epochs_agree(tmp_path):
+def test_checkpoints_of_the_loop_before_the_common_format_resume(tmp_path):
+    """Two older layouts: the loop's own record (no RNG states), and before it the record in the JSON only."""
     images = _images()
     whole = TinyReconstructor().fit(images, workdir=tmp_path / "whole")
-
-    def kill_after_two(epoch: int, model: nn.Module) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_model(TinyReconstructor(), images, workdir=tmp_path / "old", on_epoch_end=kill_after_two)
-    checkpoint = tmp_path / "old" / "checkpoint.safetensors"
-    save_tensors(checkpoint, load_tensors(checkpoint), metadata={"epoch": "2"})  # the older format
+    with pytest.raises(KilledError):
+        TinyReconstructor().fit(images, workdir=tmp_path / "old", on_epoch_end=_kill_after(2))
+    checkpoint, copy = tmp_path / "old" / "checkpoint.safetensors", tmp_path / "old" / "checkpoint.json"
+    new = json.loads(copy.read_text())
+    old = {"epoch": 2, "fingerprint": new["identity"], "param_groups": new["optimizers"]["optimizer"],
+           "schedule": new["schedulers"]["schedule"], "history": new["history"]}
+    save_checkpoint_file(checkpoint, _trained_tensors(checkpoint), old)
+    copy.write_text(json.dumps(old))
     resumed = TinyReconstructor().fit(images, workdir=tmp_path / "old", resume=True)
     for name, value in _state(whole).items():
         assert torch.equal(resumed.state_dict()[name], value), name
-    save_tensors(checkpoint, load_tensors(checkpoint), metadata={"epoch": "3"})  # JSON says 4: torn
+
+    with pytest.raises(KilledError):
+        TinyReconstructor().fit(images, workdir=tmp_path / "older", on_epoch_end=_kill_after(2))
+    checkpoint, copy = tmp_path / "older" / "checkpoint.safetensors", tmp_path / "older" / "checkpoint.json"
+    save_tensors(checkpoint, _trained_tensors(checkpoint), metadata={"epoch": "2"})
+    copy.write_text(json.dumps(old))
+    resumed = TinyReconstructor().fit(images, workdir=tmp_path / "older", resume=True)
+    for name, value in _state(whole).items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    save_tensors(checkpoint, _trained_tensors(checkpoint), metadata={"epoch": "3"})  # the JSON says 4: torn
     with pytest.raises(ValueError, match="between the two writes"):
-        TinyReconstructor().fit(images, workdir=tmp_path / "old", resume=True)
+        TinyReconstructor().fit(images, workdir=tmp_path / "older", resume=True)
+
+
+def test_one_checkpoint_restores_every_part_and_rng_and_refuses_another_run_or_format(tmp_path):
+    """The pair that the loop, MAML and the GAN training share, on two modules and two optimisers."""
+
+    def parts(seed: int) -> dict:
+        torch.manual_seed(seed)
+        net, head = nn.Linear(3, 4), nn.Linear(4, 1)
+        optimizers = {"optim_net": torch.optim.Adam(net.parameters(), 1e-2),
+                      "optim_head": torch.optim.SGD(head.parameters(), 1e-1, momentum=0.9)}
+        schedule = torch.optim.lr_scheduler.StepLR(optimizers["optim_net"], 1, 0.5)
+        return {"modules": {"net": net, "head": head}, "optimizers": optimizers, "schedulers": {"schedule": schedule}}
+
+    trained = parts(0)
+    for _ in range(2):
+        loss = trained["modules"]["head"](trained["modules"]["net"](torch.randn(5, 3))).square().mean()
+        loss.backward()
+        for optimizer in trained["optimizers"].values():
+            optimizer.step()
+        trained["schedulers"]["schedule"].step()
+    identity = {"config": {"lr": 1e-2, "sizes": (3, 4)}, "data": "abc"}
+    path = tmp_path / "checkpoint.safetensors"
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    save_training_checkpoint(path, epoch=2, identity=identity, history=[{"epoch": 1}, {"epoch": 2}], **trained)
+    draws = torch.rand(3), np.random.rand(3), random.random()
+    restored = parts(1)
+    assert load_training_checkpoint(path, identity=identity, **restored) == (2, [{"epoch": 1}, {"epoch": 2}])
+    assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.rand(3), draws[1])
+    assert random.random() == draws[2]
+    for name, module in trained["modules"].items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(restored["modules"][name].state_dict()[key], value), key
+    for name, optimizer in trained["optimizers"].items():
+        saved, loaded = optimizer.state_dict(), restored["optimizers"][name].state_dict()
+        assert saved["param_groups"] == loaded["param_groups"]
+        pairs = [(loaded["state"][i][k], v) for i, state in saved["state"].items() for k, v in state.items()]
+        assert pairs and all(torch.equal(a, b) for a, b in pairs)
+    assert restored["schedulers"]["schedule"].state_dict() == trained["schedulers"]["schedule"].state_dict()
+
+    with pytest.raises(ValueError, match=r"another training \(config.lr: saved 0.01, now 0.1\)"):
+        load_training_checkpoint(path, identity={**identity, "config": {"lr": 0.1, "sizes": [3, 4]}}, **parts(1))
+    save_checkpoint_file(path, load_tensors(path), {"epoch": 2, "config": {}, "history": []})  # MAML's before
+    with pytest.raises(ValueError, match=r"older metaad .*start afresh"):
+        load_training_checkpoint(path, identity=identity, **parts(1))
+    save_tensors(path, load_tensors(path), metadata={"format": "metaad-instance-prior-checkpoint", "epoch": "2"})
+    with pytest.raises(ValueError, match=r"older metaad.*start afresh"):  # the GAN training's before
+        load_training_checkpoint(path, identity=identity, **parts(1))
 
 
 def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
@@ -173,6 +262,32 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
         TinyReconstructor(lr=0.5).fit(_images(), workdir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="needs the workdir"):
         TinyReconstructor().fit(_images(), resume=True)
+
+
+class _Samples(torch.utils.data.Dataset):
+    """A map-style data set of metaad samples."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": 0}
+
+
+def test_a_dataloader_is_taken_as_it_yields_unless_it_reorders():
+    images = _images(7)
+    expected = TrainImages(images).images
+    in_order = DataLoader(_Samples(images), batch_size=3)
+    assert torch.equal(TrainImages.from_data(in_order).images, expected)
+    flipped = DataLoader(_Samples(images), batch_size=3,
+                         collate_fn=lambda samples: torch.stack([s["image"].flip(-1) for s in samples]))
+    assert torch.equal(TrainImages.from_data(flipped).images, expected.flip(-1))  # its own collation is kept
+    for reordering in (DataLoader(_Samples(images), batch_size=3, shuffle=True),
+                       DataLoader(_Samples(images), batch_size=3, drop_last=True)):
+        assert torch.equal(TrainImages.from_data(reordering).images, expected)  # the data set, in index order
 
 
 def test_training_images_must_be_in_unit_range():

@@ -105,7 +105,10 @@ def load_checkpoint_file(
             f"{path} is at epoch {metadata['epoch']} but {progress_copy} says {progress.get('epoch')} (interrupted "
             "between the two writes of an older metaad); start afresh without --resume"
         )
-    raise ValueError(f"{path}: not a metaad checkpoint (no progress record); start afresh without --resume")
+    raise ValueError(
+        f"{path}: no progress record (not a metaad checkpoint, or one of an older metaad); start afresh without "
+        "--resume"
+    )
 
 
 def _json_default(value: Any) -> Any:

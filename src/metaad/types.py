@@ -6,20 +6,22 @@ A method is a plain ``torch.nn.Module`` that also satisfies :class:`AnomalyModel
   and ``type(model)(**config)`` rebuilds it (``metaad.models.get_config``);
 - ``PRESETS`` on the class holds ``"paper"`` (the paper's settings), ``"cpu"`` (what trains on 2 cores)
   and ``"tiny"`` (for tests), each a dict of constructor arguments;
-- inputs are float (B, 3, H, W) RGB images in [0, 1] of any H and W; the method normalises for its own
-  backbone and resizes to its own ``image_size``; maps come back at H × W;
-- ``predict`` on a method that needs fitting and has not been fitted raises :class:`NotFittedError`;
-  a method moves the tensors it makes itself to :func:`device_of` the model (the engine moves the model);
+- inputs are float (B, 3, H, W) RGB images in [0, 1] of any H and W; the method resizes to its own
+  ``image_size`` and normalises for its own backbone (``metaad.components.preprocess``); maps come back at H × W;
+- ``predict`` on a method that needs fitting and has not been fitted raises :class:`NotFittedError`; it takes
+  images on any device, runs them on the model's (:func:`device_of`; the engine moves the model with ``.to``)
+  and returns CPU tensors (all three written once, in ``metaad.components.estimator``);
 - every fitted tensor lives in a parameter or a buffer, so ``state_dict`` (one safetensors file) plus the
   config rebuild a fitted model. A buffer whose size depends on the data (a memory bank) is registered
-  empty; loading resizes it to the saved shape;
-- optional: ``SAVED_WITHOUT`` (ClassVar dict), what a model saved by an older metaad lacks: constructor
-  arguments (the value its fit used) and buffer names (set to the value given, or, for None, kept at their
-  constructed value: ``{"fitted": True}`` says that a save without the flag was a fitted model);
-  ``fit_summary() -> dict``, what the fit decided from the data (written to a run's ``metrics.json``);
-  ``export_forward(images) -> (scores, maps)``, ``predict`` in plain tensor operations for ONNX export, for a
-  method whose ``predict`` leaves torch (PatchCore's faiss search); without it the export traces ``predict``
-  (``metaad.deploy.export``).
+  empty; loading resizes it to the saved shape. A frozen backbone's pretrained weights are read by ``fit``
+  (``metaad.backbones.Backbone.load_weights``), never by the constructor: a loaded model has them from its
+  state dict;
+- the hooks every method declares (:class:`AnomalyModel`): ``SAVED_WITHOUT``, the constructor arguments a
+  model saved by an older metaad lacks, with the value its fit used (what every method's older saves lack,
+  renamed buffers included, is ``metaad.models.persistence``'s rule); ``fit_summary()``, what the fit decided
+  from the data (a run's ``metrics.json``, ``{}`` when nothing); ``export_forward(images)``, ``predict``'s
+  computation for one batch in plain tensor operations, what ONNX export traces (``metaad.deploy.export``):
+  PatchCore's faiss search becomes an exact one there.
 
 Gradient-trained methods are also :class:`TrainableModel`: they give the shared training loop
 (``metaad.training``) a loss for a batch and their optimiser settings, and their ``fit`` calls the loop.
@@ -28,7 +30,7 @@ The engine relies on these names and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -65,6 +67,7 @@ class AnomalyModel(Protocol):
     """What every registered method provides (see the module docstring)."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]]
+    SAVED_WITHOUT: ClassVar[dict[str, Any]]
     image_size: int | None
 
     def fit(
@@ -76,6 +79,14 @@ class AnomalyModel(Protocol):
 
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Scores and maps for (B, 3, H, W) images in [0, 1]."""
+        ...
+
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` of one batch on the model's device, in plain tensor operations (for ONNX export)."""
+        ...
+
+    def fit_summary(self) -> dict[str, Any]:
+        """What the last fit decided from the data (``{}`` when nothing)."""
         ...
 
 
@@ -100,9 +111,15 @@ class TrainingSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+EpochEnd = Callable[[int, torch.nn.Module], None]
+"""``on_epoch_end(epoch, model)``, which a trained method's ``fit`` passes to every training loop it runs: called
+after each epoch (1-based; each stage counts its own), e.g. to validate along one training."""
+
+
 @runtime_checkable
 class TrainableModel(AnomalyModel, Protocol):
-    """A gradient-trained method: the loop owns epochs, optimiser, schedule, order, checkpoints and resume."""
+    """A gradient-trained method: the loop owns epochs, optimiser, schedule, order, checkpoints and resume.
+    Its ``fit`` also takes ``on_epoch_end`` (an :data:`EpochEnd`, None by default)."""
 
     def training_settings(self) -> TrainingSettings:
         """The optimiser, schedule, batch size and epochs to train with."""

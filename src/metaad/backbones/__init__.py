@@ -2,8 +2,7 @@
 
 from metaad.backbones.registry import (
     BACKBONES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    NORMALIZATION,
     Backbone,
     BackboneWeightsError,
     create_backbone,
@@ -13,8 +12,7 @@ from metaad.backbones.registry import (
 
 __all__ = [
     "BACKBONES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
+    "NORMALIZATION",
     "Backbone",
     "BackboneWeightsError",
     "create_backbone",

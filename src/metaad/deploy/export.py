@@ -1,9 +1,9 @@
 """Export a fitted model to one ONNX graph: [0, 1] RGB images (B, 3, S, S) at the run's size -> scores (B,) and
 maps (B, S, S), with normalisation, backbone, scorer, smoothing and upsampling inside; resizing is the caller's.
 
-One generic path for every registered method: a thin module calling the model's ``export_forward`` when it has
-one (``metaad.types``: PatchCore's faiss search becomes an exact search of matrix products and minima) and its
-``predict`` otherwise, traced by torch's TorchScript exporter at opset 18. Everything a caller needs (size,
+One generic path for every registered method: a thin module calling the model's ``export_forward`` (``metaad.types``:
+``predict``'s computation for one batch; PatchCore's faiss search becomes an exact search of matrix products and
+minima), traced by torch's TorchScript exporter at opset 18. Everything a caller needs (size,
 method, threshold, metrics, metaad version) goes into the graph's ``metadata_props``; every export is checked
 against metaad on three images (traced on two, so the batch size is free) before it is written.
 """
@@ -41,8 +41,7 @@ class ExportWrapper(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hook = getattr(self.model, "export_forward", None)
-        scores, maps = hook(images) if hook is not None else self.model.predict(images)
+        scores, maps = self.model.export_forward(images)
         return scores.float(), maps.float()
 
 
@@ -148,7 +147,6 @@ def run_metadata(
         "outputs": f"scores: (B,) higher = more anomalous; maps: (B, {image_size}, {image_size})",
         "threshold": "" if threshold is None else repr(float(threshold)),
         "decision": "anomalous when score > threshold",
-        "export_path": "export_forward" if hasattr(model, "export_forward") else "predict",
         "metrics": json.dumps(summary),
     }
 

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.components.anomaly_synthesis import TextureSource, augment_textures, rotate_images, simulate_anomalies
+from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.preprocess import Preprocess
 from metaad.components.ssim import ssim_loss
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
 
 DEPTH = 5  # the discriminative encoder halves the resolution five times: image_size must be a multiple of 32
 
@@ -132,6 +134,7 @@ class Draem(nn.Module):
     ``"tiny"`` (32 px, widths 4 and 8, 15 epochs at lr 2e-3) is for tests.
     """
 
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"image_size": 256, "reconstructive_width": 128, "discriminative_width": 64, "epochs": 700,
                   "batch_size": 8, "lr": 1e-4},
@@ -142,34 +145,23 @@ class Draem(nn.Module):
 
     def __init__(
         self,
-        image_size: int = 128,
-        reconstructive_width: int = 8,
-        discriminative_width: int = 8,
-        texture_dir: str | None = None,
-        anomaly_probability: float = 0.5,
-        rotation: float = 45.0,
-        rotation_probability: float = 0.3,
-        epochs: int = 20,
-        batch_size: int = 8,
-        lr: float = 1e-3,
-        seed: int = 0,
+        image_size: int = 128, reconstructive_width: int = 8, discriminative_width: int = 8,
+        texture_dir: str | None = None, anomaly_probability: float = 0.5,
+        rotation: float = 45.0, rotation_probability: float = 0.3,
+        epochs: int = 20, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(image_size, int) or image_size < 32 or image_size % 2**DEPTH:
             raise ValueError(f"image_size must be a multiple of {2**DEPTH} pixels, got {image_size!r}")
         if reconstructive_width < 1 or discriminative_width < 1:
             raise ValueError(f"widths must be positive, got {reconstructive_width}, {discriminative_width}")
-        self.image_size = image_size
-        self.reconstructive_width = reconstructive_width
+        self.image_size, self.reconstructive_width = image_size, reconstructive_width
         self.discriminative_width = discriminative_width
         self.texture_dir = str(texture_dir) if texture_dir is not None else None
         self.anomaly_probability = anomaly_probability
-        self.rotation = rotation
-        self.rotation_probability = rotation_probability
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.seed = seed
+        self.rotation, self.rotation_probability = rotation, rotation_probability
+        self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
+        self.preprocess = Preprocess(image_size)
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is untouched
             torch.manual_seed(seed)
             self.reconstructive = ReconstructiveNetwork(reconstructive_width)
@@ -177,13 +169,10 @@ class Draem(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
         self._textures: TextureSource | None = None  # listed at the first training step, not here
 
-    # ------------------------------------------------------------------------------------------ forward
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        side = self.image_size
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return images
+    def fit_summary(self) -> dict:
+        return {}
 
+    # ------------------------------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction and segmentation logits (B, 2, S, S) of images in [0, 1] already at S = image_size."""
         reconstruction = self.reconstructive(images)
@@ -200,7 +189,7 @@ class Draem(nn.Module):
         then anomalies from augmented textures (global RNG, re-seeded by the loop every epoch)."""
         if self._textures is None:
             self._textures = TextureSource(self.texture_dir)
-        good = rotate_images(self._resize(images), self.rotation, self.rotation_probability)
+        good = rotate_images(self.preprocess(images), self.rotation, self.rotation_probability)
         textures = augment_textures(self._textures.sample(len(good), good.shape[-2:]))
         simulated, masks = simulate_anomalies(good, textures, probability=self.anomaly_probability)
         return good, simulated, masks
@@ -208,34 +197,27 @@ class Draem(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L2 + SSIM loss of the reconstruction against the defect-free image, + focal loss (γ = 2) of the
         segmentation against the simulated mask (§3.4; the reference weighs the three terms equally)."""
-        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         good, simulated, masks = self.simulate(images)
         reconstruction, logits = self(simulated)
         return F.mse_loss(reconstruction, good) + ssim_loss(reconstruction, good) + focal_loss(logits, masks)
 
     def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
-            resume: bool = False) -> Draem:
+            resume: bool = False, on_epoch_end: EpochEnd | None = None) -> Draem:
         """Train both sub-networks on defect-free images with simulated anomalies."""
-        train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+        train_model(self, train, progress=progress, workdir=workdir, resume=resume,
+                    on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self.eval()
 
     # ------------------------------------------------------------------------------------------ predict
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,): max of the 21 × 21 mean-filtered map; maps (B, H, W): the anomaly channel's softmax."""
-        if not bool(self.fitted):
-            raise NotFittedError("Draem is not fitted: call fit(train_images) or load a fitted model")
-        was_training = self.training
-        self.eval()
-        try:
-            scores, maps = [], []
-            for batch in images.split(self.batch_size):
-                _, logits = self(self._resize(batch))
-                anomalous = logits.softmax(dim=1)[:, 1:]
-                # the reference: avg_pool2d(21, stride 1, padding 10), zero padding counted at the border
-                scores.append(F.avg_pool2d(anomalous, 21, stride=1, padding=10).flatten(1).amax(1))
-                maps.append(F.interpolate(anomalous, size=batch.shape[-2:], mode="bilinear", align_corners=False))
-        finally:
-            self.train(was_training)
-        return AnomalyPrediction(torch.cat(scores), torch.cat(maps)[:, 0])
+        _, logits = self(self.preprocess(images))
+        anomalous = logits.softmax(dim=1)[:, 1:]
+        # the reference: avg_pool2d(21, stride 1, padding 10), zero padding counted at the border
+        scores = F.avg_pool2d(anomalous, 21, stride=1, padding=10).flatten(1).amax(1)
+        return scores, F.interpolate(anomalous, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
+        """Scores and maps (see :meth:`export_forward`) for (B, 3, H, W) images in [0, 1]."""
+        return predict_in_batches(self, images, self.batch_size, self.export_forward, fitted=bool(self.fitted))

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.backbones import create_backbone
-from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
+from metaad.backbones import Backbone
+from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.preprocess import Preprocess
 from metaad.training import train_model
 from metaad.training.data import TrainImages
-from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings, device_of
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
 
 
 def subnet(kernel_size: int, hidden_ratio: float):
@@ -75,20 +76,15 @@ class FastFlow(nn.Module):
             alternating (§3.3).
         hidden_ratio: hidden channels of a subnet over its input channels (reference: 1.0 for CNN backbones).
         clamp: soft clamping α of the coupling's log-scales (reference: 2.0).
-        standardize_images: "auto" (default), "always" or "never": PatchCore's exposure standardisation
-            (``metaad.data.transforms.standardize_intensity``) before the frozen backbone; "auto" applies it when
-            the training images' mean brightness varies by more than 10% (``exposure_variation``, measured at fit).
-            A metaad addition, not in the paper, taken over from PatchCore, whose validation chose it (see
-            ``PatchCore``); for FastFlow it was prompted by the first MTD test (0.764 without it,
-            ``benchmarks/NOTES.md``).
+        standardize_images: "auto" (default), "always" or "never": PatchCore's exposure standardisation before
+            the frozen backbone (``metaad.components.preprocess.Preprocess``). A metaad addition, not in the paper,
+            taken over from PatchCore, whose validation chose it (see ``PatchCore``); for FastFlow it was prompted
+            by the first MTD test (``benchmarks/NOTES.md``).
         epochs, batch_size, lr, weight_decay: Adam settings of the shared loop (A.2.3: 500 epochs, batch 32, lr
             1e-3, weight decay 1e-5). The defaults, 6 epochs of batch 8, were chosen on held-out defect-free MTD
-            training images with synthetic defects (``benchmarks/epoch_validation.py``; no test image read):
-            on 2 cores the epoch is what the time budget counts, and batch 8 takes four times the Adam steps per
-            epoch (validation image AUROC after 2 epochs 0.946 vs 0.782 at batch 32, after 5 epochs 0.986 vs
-            0.917). The AUROC still rose at epoch 6 (0.989); 6 epochs were kept for time: an epoch of 610
-            images at 256 px took 67 s on 2 cores (load 4), about 8 minutes of fit for 6 epochs of 700 images,
-            and up to 5 minutes per epoch when the shared machine was loaded threefold.
+            training images with synthetic defects (``benchmarks/epoch_validation.py``; no test image read;
+            figures and timings in ``benchmarks/NOTES.md``): on 2 cores the epoch is what the time budget counts,
+            and batch 8 takes four times the Adam steps per epoch of batch 32.
         map_form: "complement" (default): the map is 1 − p, in [0, 1], 0 where the flow finds the features
             likely; "negative": −p, in [−1, 0], as the reference code and anomalib. Both order every image and
             pixel the same (identical AUROC, PRO). metaad's default gives positive scores like every other method,
@@ -101,7 +97,7 @@ class FastFlow(nn.Module):
     ``"cpu"`` (the defaults, chosen to train on 2 cores) and ``"tiny"`` (tests: 64 px, 2 steps, 2 epochs).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_form": "negative", "fitted": True}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_form": "negative"}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"backbone": "resnet18", "layers": (1, 2, 3), "image_size": 256, "conv3x3_only": True,
                   "epochs": 500, "batch_size": 32, "standardize_images": "never"},
@@ -111,59 +107,36 @@ class FastFlow(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int, ...] = (1, 2, 3),
-        weights: str | None = None,
+        backbone: str = "tf_efficientnet_lite0", layers: tuple[int, ...] = (1, 2, 3), weights: str | None = None,
         image_size: int = 256,
-        flow_steps: int = 8,
-        conv3x3_only: bool = False,
-        hidden_ratio: float = 1.0,
-        clamp: float = 2.0,
+        flow_steps: int = 8, conv3x3_only: bool = False, hidden_ratio: float = 1.0, clamp: float = 2.0,
         standardize_images: str = "auto",
-        epochs: int = 6,
-        batch_size: int = 8,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
-        map_form: str = "complement",
-        predict_batch_size: int = 8,
-        seed: int = 0,
+        epochs: int = 6, batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5,
+        map_form: str = "complement", predict_batch_size: int = 8, seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(image_size, int) or image_size < 32:
             raise ValueError(f"image_size must be an integer of at least 32 pixels, got {image_size!r}")
-        if standardize_images not in ("auto", "always", "never"):
-            raise ValueError(f"standardize_images must be 'auto', 'always' or 'never', got {standardize_images!r}")
         if map_form not in ("complement", "negative"):
             raise ValueError(f"map_form must be 'complement' or 'negative', got {map_form!r}")
         if flow_steps < 1:
             raise ValueError(f"flow_steps must be at least 1, got {flow_steps}")
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
+        self.backbone, self.layers, self.weights = backbone, tuple(layers), weights
         self.image_size = image_size
-        self.flow_steps = flow_steps
-        self.conv3x3_only = conv3x3_only
-        self.hidden_ratio = hidden_ratio
-        self.clamp = clamp
+        self.flow_steps, self.conv3x3_only = flow_steps, conv3x3_only
+        self.hidden_ratio, self.clamp = hidden_ratio, clamp
         self.standardize_images = standardize_images
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.map_form = map_form
-        self.predict_batch_size = predict_batch_size
-        self.seed = seed
-        self.feature_extractor = create_backbone(backbone, self.layers, weights)
-        with torch.no_grad():  # the stages' (C, H, W) at image_size fix the layer norms' and flows' shapes
-            probe = self.feature_extractor(torch.zeros(1, 3, image_size, image_size))
-        self._build_trainable([tuple(feature.shape[1:]) for feature in probe])
-        self.register_buffer("exposure_variation", torch.tensor(float("nan")))
+        self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
+        self.map_form, self.predict_batch_size, self.seed = map_form, predict_batch_size, seed
+        self.feature_extractor = Backbone(backbone, self.layers)
+        self.preprocess = Preprocess(image_size, standardize_images, self.feature_extractor.normalization)
+        # the stages' (C, H, W) at image_size fix the layer norms' and flows' shapes ("same" padding: ⌈S / r⌉)
+        sides = [-(-image_size // r) for r in self.feature_extractor.reductions]
+        self._build_trainable([(c, s, s) for c, s in zip(self.feature_extractor.channels, sides, strict=True)])
         self.register_buffer("fitted", torch.tensor(False))
 
-    @property
-    def standardizing(self) -> bool:
-        """Whether images are standardised before the backbone (for "auto", decided by the last fit)."""
-        return standardizing(self.standardize_images, float(self.exposure_variation))
+    def fit_summary(self) -> dict:
+        return self.preprocess.fit_summary()
 
     def _build_trainable(self, shapes: list[tuple[int, int, int]]) -> None:
         """Layer norms and flows, seeded: torch's generator (weights) and numpy's (FrEIA's permutations)."""
@@ -181,19 +154,10 @@ class FastFlow(nn.Module):
             np.random.set_state(numpy_state)
 
     # ------------------------------------------------------------------------------------------ forward
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        side = self.image_size
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return images
-
     def encode(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(z, log|det J|) per stage for images in [0, 1]: backbone -> layer norm -> flow (§3.1)."""
         with torch.no_grad():
-            images = self._resize(images)
-            if self.standardizing:
-                images = standardize_intensity(images)
-            features = self.feature_extractor(images)
+            features = self.feature_extractor(self.preprocess(images))
         outputs = []
         for feature, norm, flow in zip(features, self.norms, self.flows, strict=True):
             z, log_jac_det = flow(norm(feature.contiguous()))
@@ -208,44 +172,36 @@ class FastFlow(nn.Module):
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood (§3.1): per stage the batch mean of ½·Σz² − log|det J|, summed over stages."""
-        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         loss = images.new_zeros(())
         for z, log_jac_det in self.encode(images):
             loss = loss + torch.mean(0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_jac_det)
         return loss
 
-    def fit(
-        self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False
-    ) -> FastFlow:
+    def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
+            resume: bool = False, on_epoch_end: EpochEnd | None = None) -> FastFlow:
         """Train the layer norms and flows on defect-free images with the shared loop (``metaad.training``)."""
+        self.feature_extractor.load_weights(self.weights)
         images = TrainImages.from_data(train)
-        if self.standardize_images == "auto":
-            self.exposure_variation = torch.tensor(exposure_variation(images.batches()))
-        train_model(self, images, progress=progress, workdir=workdir, resume=resume)
+        self.preprocess.measure(images.batches())
+        train_model(self, images, progress=progress, workdir=workdir, resume=resume,
+                    on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self
 
     # ------------------------------------------------------------------------------------------- predict
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
-        """Scores (B,) and maps (B, H, W) at the input size, from (B, 3, H, W) images in [0, 1].
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) and maps (B, H, W) of one batch: the map is the mean over stages of 1 − p
+        (``map_form="complement"``) or −p (``"negative"``, the reference code), p = exp(−½·mean_c z²),
+        upsampled to the input; the score is its maximum (anomalib's image score)."""
+        stage_maps = []
+        for z, _ in self.encode(images):
+            probability = torch.exp(-0.5 * torch.mean(z**2, dim=1, keepdim=True))
+            value = 1 - probability if self.map_form == "complement" else -probability
+            stage_maps.append(F.interpolate(value, size=images.shape[-2:], mode="bilinear", align_corners=False))
+        anomaly_map = torch.stack(stage_maps).mean(0)[:, 0]
+        return anomaly_map.flatten(1).amax(1), anomaly_map
 
-        The map is the mean over stages of 1 − p (``map_form="complement"``) or −p (``"negative"``, the
-        reference code), p = exp(−½·mean_c z²); the score is its maximum (anomalib's image score).
-        """
-        if not bool(self.fitted):
-            raise NotFittedError("FastFlow is not fitted: call fit(train_images) or load a fitted model")
-        self.eval()
-        device = device_of(self)
-        scores, maps = [], []
-        for batch in images.split(self.predict_batch_size):
-            size = batch.shape[-2:]
-            stage_maps = []
-            for z, _ in self.encode(batch.to(device)):
-                probability = torch.exp(-0.5 * torch.mean(z**2, dim=1, keepdim=True))
-                value = 1 - probability if self.map_form == "complement" else -probability
-                stage_maps.append(F.interpolate(value, size=size, mode="bilinear", align_corners=False))
-            anomaly_map = torch.stack(stage_maps).mean(0)[:, 0]
-            maps.append(anomaly_map.cpu())
-            scores.append(anomaly_map.flatten(1).amax(1).cpu())
-        return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
+    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
+        """Scores (B,) and maps (B, H, W) at the input size, from (B, 3, H, W) images in [0, 1]."""
+        return predict_in_batches(self, images, self.predict_batch_size, self.export_forward,
+                                  fitted=bool(self.fitted))

@@ -11,7 +11,7 @@ fused into a map by inverse-distance weighting, p = 5 (C.1) → image score = th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.backbones.registry import create_backbone
+from metaad.backbones import Backbone
+from metaad.components.estimator import marking_fitted, predict_in_batches
 from metaad.components.partial_conv import PartialConv2d, masked_max_pool
+from metaad.components.preprocess import Preprocess, resize
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, NotFittedError, TrainingSettings, device_of
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings, device_of
 
 GLOBAL_MIN_SIZE = 243  # the smallest input Table 2's unpadded layers reduce to 1×1
 
@@ -218,10 +220,73 @@ def idw_weights(points: torch.Tensor, size: int, power: float) -> torch.Tensor:
     return weights / weights.sum(1, keepdim=True)
 
 
+def _below(workdir: Path | None, name: str) -> Path | None:
+    return workdir / name if workdir is not None else None
+
+
 def idw_map(values: torch.Tensor, points: torch.Tensor, size: int, power: float) -> torch.Tensor:
     """Inverse-distance-weighted interpolation of (B, N) values at (N, 2) (y, x) points onto a size × size
     pixel grid: Σ wᵢ vᵢ / Σ wᵢ, wᵢ = d⁻ᵖ (:func:`idw_weights`)."""
     return (values @ idw_weights(points.to(values.dtype), size, power).T).view(-1, size, size)
+
+
+def training_patches(
+    images: torch.Tensor, image_size: int, patch_size: int, whole_image: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(patches, Global-Net inputs, masks) of a training batch in [0, 1]: one random patch per image (global RNG)
+    and the image at ``image_size`` with that patch hidden (C.1), or with ``whole_image`` (C.2) the image resized
+    to the patch size and the image whole."""
+    full = resize(images, image_size)
+    b, side, p = full.shape[0], image_size, patch_size
+    if whole_image:
+        return resize(images, p), full, full.new_ones(b, 1, side, side)
+    origin = torch.randint(0, side - p + 1, (b, 2))
+    rows = origin[:, :1] + torch.arange(p)  # (B, p)
+    cols = origin[:, 1:] + torch.arange(p)
+    patches = full[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
+    mask = full.new_ones(b, 1, side, side)
+    for i in range(b):
+        mask[i, :, rows[i, 0] : rows[i, -1] + 1, cols[i, 0] : cols[i, -1] + 1] = 0
+    return patches, full, mask
+
+
+class LocalDistillation(nn.Module):
+    """One distillation stage of Glance's fit, what the training loop trains: Glance's Local-Net L and linear
+    decoder D (held here too, so trained in place) against its frozen teacher T (Uninformed Students, Bergmann
+    et al. 2020, whose patch network Table 1 is): λk‖D(L(p)) − T(p)‖² + λc Σ_{i≠j} corr(L(p))_ij over the batch.
+    Built by ``Glance.distillation``, which gives it the three networks and T's input preprocessing."""
+
+    def __init__(self, image_size: int, patch_size: int, whole_image: bool, lambda_k: float, lambda_c: float,
+                 epochs: int, batch_size: int, lr: float, seed: int) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.whole_image = whole_image
+        self.lambda_k = lambda_k
+        self.lambda_c = lambda_c
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+
+    def training_settings(self) -> TrainingSettings:
+        """C.1: Adam, β 0.9, 0.999."""
+        return TrainingSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """λk · distillation MSE + λc · compactness (sum of off-diagonal descriptor correlations)."""
+        patches = training_patches(images, self.image_size, self.patch_size, self.whole_image)[0]
+        with torch.no_grad():
+            target = self.teacher(self.teacher_input(patches))[0].mean((2, 3))
+        descriptors = self.local_net(patches)
+        loss = self.lambda_k * (self.decoder(descriptors) - target).square().sum(1).mean()
+        if self.lambda_c and descriptors.shape[0] > 1:
+            centred = descriptors - descriptors.mean(0)
+            std = centred.square().mean(0).add(1e-8).sqrt()
+            corr = (centred / std).T @ (centred / std) / descriptors.shape[0]
+            loss = loss + self.lambda_c * (corr.sum() - corr.diagonal().sum())
+        return loss
 
 
 class Glance(nn.Module):
@@ -241,9 +306,9 @@ class Glance(nn.Module):
             preset). The shared loop has one lr, so the head's weights are stored divided by this ratio
             (``ScaledLinear``): Adam's step on them is then the ratio times smaller, exactly a second learning
             rate. The default, 1 (both 1e-4), and 8 Global-Net epochs were chosen on held-out MTD training images
-            with synthetic surface defects (``benchmarks/epoch_validation.py``, no test image): image AUROC 0.706
-            / 0.693 after 8 / 16 epochs, against 0.586 / 0.562 with the paper's ratio, whose head barely moves in
-            the few hundred steps of a CPU budget (the paper trains 200K iterations).
+            with synthetic surface defects (``benchmarks/epoch_validation.py``, no test image; figures in
+            ``benchmarks/NOTES.md``): with the paper's ratio the head barely moves in the few hundred steps of a
+            CPU budget (the paper trains 200K iterations).
         lambda_t, margin: weight of the triplet term (C.1: 0.01) and its margin (not given: 1).
         lambda_s: weight of the DAD head's mismatch probability in a patch's score (C.1: 0.8); the rest goes to
             the global-local cosine distance (1 − cos)/2 (the main paper's distance term, here on a 0-1 scale).
@@ -268,7 +333,8 @@ class Glance(nn.Module):
     ``"cpu"`` (what fits ~20 minutes on 2 cores) and ``"tiny"`` (tests).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"descriptor_mean": None, "descriptor_std": None}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
+    PREDICT_BATCH: ClassVar[int] = 8  # images per predict pass
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"local_epochs": 1050, "global_epochs": 16800, "local_batch_size": 16, "batch_size": 64,
                   "dad_lr_ratio": 0.1},
@@ -279,61 +345,34 @@ class Glance(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        teacher_layer: int = 4,
-        weights: str | None = None,
-        teacher_size: int = 64,
-        image_size: int = 256,
-        patch_size: int = 33,
-        pretrain_folders: tuple[str, ...] = (),
-        pretrain_epochs: int = 1,
-        local_epochs: int = 8,
-        local_lr: float = 2e-4,
-        local_batch_size: int = 16,
-        lambda_k: float = 1.0,
-        lambda_c: float = 1.0,
-        global_epochs: int = 8,
-        global_lr: float = 1e-4,
-        dad_lr_ratio: float = 1.0,
-        batch_size: int = 16,
-        lambda_t: float = 0.01,
-        margin: float = 1.0,
-        lambda_s: float = 0.8,
-        grid: int = 20,
-        idw_power: float = 5.0,
-        one_class: bool = False,
-        seed: int = 0,
+        backbone: str = "tf_efficientnet_lite0", teacher_layer: int = 4,
+        weights: str | None = None, teacher_size: int = 64,
+        image_size: int = 256, patch_size: int = 33,
+        pretrain_folders: tuple[str, ...] = (), pretrain_epochs: int = 1,
+        local_epochs: int = 8, local_lr: float = 2e-4, local_batch_size: int = 16,
+        lambda_k: float = 1.0, lambda_c: float = 1.0,
+        global_epochs: int = 8, global_lr: float = 1e-4, dad_lr_ratio: float = 1.0, batch_size: int = 16,
+        lambda_t: float = 0.01, margin: float = 1.0, lambda_s: float = 0.8,
+        grid: int = 20, idw_power: float = 5.0, one_class: bool = False, seed: int = 0,
     ) -> None:
         super().__init__()
         if image_size < GLOBAL_MIN_SIZE:
             raise ValueError(f"image_size must be at least {GLOBAL_MIN_SIZE} (Global-Net, Table 2), got {image_size}")
         if patch_size != 33:
             raise ValueError(f"the Local-Net of Table 1 takes 33×33 patches, got patch_size={patch_size}")
-        self.backbone = backbone
-        self.teacher_layer = teacher_layer
-        self.weights = weights
-        self.teacher_size = teacher_size
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.pretrain_folders = tuple(pretrain_folders)
-        self.pretrain_epochs = pretrain_epochs
-        self.local_epochs = local_epochs
-        self.local_lr = local_lr
-        self.local_batch_size = local_batch_size
-        self.lambda_k = lambda_k
-        self.lambda_c = lambda_c
-        self.global_epochs = global_epochs
-        self.global_lr = global_lr
-        self.dad_lr_ratio = dad_lr_ratio
-        self.batch_size = batch_size
-        self.lambda_t = lambda_t
-        self.margin = margin
-        self.lambda_s = lambda_s
-        self.grid = grid
-        self.idw_power = idw_power
-        self.one_class = one_class
-        self.seed = seed
-        self.teacher = create_backbone(backbone, (teacher_layer,), weights)
+        self.backbone, self.teacher_layer = backbone, teacher_layer
+        self.weights, self.teacher_size = weights, teacher_size
+        self.image_size, self.patch_size = image_size, patch_size
+        self.pretrain_folders, self.pretrain_epochs = tuple(pretrain_folders), pretrain_epochs
+        self.local_epochs, self.local_lr, self.local_batch_size = local_epochs, local_lr, local_batch_size
+        self.lambda_k, self.lambda_c = lambda_k, lambda_c
+        self.global_epochs, self.global_lr = global_epochs, global_lr
+        self.dad_lr_ratio, self.batch_size = dad_lr_ratio, batch_size
+        self.lambda_t, self.margin, self.lambda_s = lambda_t, margin, lambda_s
+        self.grid, self.idw_power, self.one_class, self.seed = grid, idw_power, one_class, seed
+        self.teacher = Backbone(backbone, (teacher_layer,))
+        self.preprocess = Preprocess(image_size)
+        self.teacher_input = Preprocess(teacher_size, normalization=self.teacher.normalization)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.local_net = LocalNet()
@@ -343,66 +382,33 @@ class Glance(nn.Module):
         self.register_buffer("descriptor_mean", torch.zeros(128))
         self.register_buffer("descriptor_std", torch.ones(128))
         self.register_buffer("fitted", torch.tensor(False))
-        self._stage = "local"
-        self._epochs = local_epochs
         self._idw_cache: tuple[tuple, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------------------------------------ helpers
-    def _resize(self, images: torch.Tensor, side: int) -> torch.Tensor:
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return images
-
-    def _random_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One random patch per image and the image's visibility mask with that patch hidden."""
-        b, side, p = images.shape[0], self.image_size, self.patch_size
-        origin = torch.randint(0, side - p + 1, (b, 2))
-        rows = origin[:, :1] + torch.arange(p)  # (B, p)
-        cols = origin[:, 1:] + torch.arange(p)
-        patches = images[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None],
-                         rows[:, None, :, None], cols[:, None, None, :]]
-        mask = images.new_ones(b, 1, side, side)
-        for i in range(b):
-            mask[i, :, rows[i, 0] : rows[i, -1] + 1, cols[i, 0] : cols[i, -1] + 1] = 0
-        return patches, mask
-
-    def _patch_and_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(patches, Global-Net inputs, masks) of a training batch, per C.1 or C.2."""
-        full = self._resize(images, self.image_size)
-        if self.one_class and self._stage != "pretrain":  # C.2; its general-image distillation is C.1's
-            return self._resize(images, self.patch_size), full, full.new_ones(full.shape[0], 1, *full.shape[-2:])
-        patches, mask = self._random_patches(full)
-        return patches, full, mask
+    def fit_summary(self) -> dict:
+        return {}
 
     # ----------------------------------------------------------------------------------------- training
+    # ``fit`` runs three stages in order: the Local-Net distilled on general images, then on the category
+    # (each a :class:`LocalDistillation`), then the Global-Net and the DAD head with the Local-Net frozen (this
+    # model's own ``training_settings`` and ``training_loss``).
+    def distillation(self, general: bool) -> LocalDistillation:
+        """The distillation stage on general images (``general``: C.1's patches) or on the category (C.1 or
+        C.2's, as ``one_class``), training this model's Local-Net and decoder (C.1: Adam 2e-4)."""
+        epochs, seed = (self.pretrain_epochs, self.seed) if general else (self.local_epochs, self.seed + 1)
+        stage = LocalDistillation(self.image_size, self.patch_size, self.one_class and not general, self.lambda_k,
+                                  self.lambda_c, epochs, self.local_batch_size, self.local_lr, seed)
+        stage.local_net, stage.decoder, stage.teacher = self.local_net, self.decoder, self.teacher
+        stage.teacher_input = self.teacher_input
+        return stage
+
     def training_settings(self) -> TrainingSettings:
-        """The stage being trained: Local-Net distillation or Global-Net + DAD head (C.1: Adam, β 0.9, 0.999)."""
-        if self._stage == "global":
-            return TrainingSettings(epochs=self._epochs, batch_size=self.batch_size, lr=self.global_lr,
-                                    seed=self.seed + 2)
-        return TrainingSettings(epochs=self._epochs, batch_size=self.local_batch_size, lr=self.local_lr,
-                                seed=self.seed + (0 if self._stage == "pretrain" else 1))
+        """Global-Net + DAD head (C.1: Adam, β 0.9, 0.999)."""
+        return TrainingSettings(epochs=self.global_epochs, batch_size=self.batch_size, lr=self.global_lr,
+                                seed=self.seed + 2)
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
-        return self._global_loss(images) if self._stage == "global" else self._local_loss(images)
-
-    def _local_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """λk · distillation MSE + λc · compactness (sum of off-diagonal descriptor correlations)."""
-        patches = self._patch_and_image(images)[0]
-        with torch.no_grad():
-            target = self.teacher(self._resize(patches, self.teacher_size))[0].mean((2, 3))
-        descriptors = self.local_net(patches)
-        loss = self.lambda_k * (self.decoder(descriptors) - target).square().sum(1).mean()
-        if self.lambda_c and descriptors.shape[0] > 1:
-            centred = descriptors - descriptors.mean(0)
-            std = centred.square().mean(0).add(1e-8).sqrt()
-            corr = (centred / std).T @ (centred / std) / descriptors.shape[0]
-            loss = loss + self.lambda_c * (corr.sum() - corr.diagonal().sum())
-        return loss
-
-    def _global_loss(self, images: torch.Tensor) -> torch.Tensor:
         """DAD cross-entropy on matching / stained (C.1) or other-image (C.2) patches + λt · triplet."""
-        patches, full, mask = self._patch_and_image(images)
+        patches, full, mask = training_patches(images, self.image_size, self.patch_size, self.one_class)
         negatives = patches.roll(1, 0) if self.one_class else random_stains(patches)
         with torch.no_grad():
             positive, negative = self.local_features(torch.cat([patches, negatives])).chunk(2)
@@ -412,39 +418,27 @@ class Glance(nn.Module):
         triplet = F.relu((g - positive).norm(dim=1) - (g - negative).norm(dim=1) + self.margin).mean()
         return F.cross_entropy(logits, labels) + self.lambda_t * triplet
 
-    def _train_stage(self, stage: str, epochs: int, data, progress: bool, workdir: Path | None, resume: bool):
-        self._stage, self._epochs = stage, epochs
-        local = stage != "global"
-        self.local_net.requires_grad_(local)
-        self.decoder.requires_grad_(local)
-        self.global_net.requires_grad_(not local)
-        self.dad_head.requires_grad_(not local)
-        if workdir is not None and stage != "global":  # the last stage's log and curve are the run's own
-            workdir = workdir / stage
-        train_model(self, data, progress=progress, workdir=workdir, resume=resume)
-
-    def fit(
-        self,
-        train: torch.Tensor | Iterable,
-        *,
-        progress: bool = False,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-    ) -> Glance:
+    def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
+            resume: bool = False, on_epoch_end: EpochEnd | None = None) -> Glance:
         """Distil the Local-Net (general images, then ``train``), then train the Global-Net and DAD head on
         ``train`` with the Local-Net frozen; the distillations checkpoint into ``workdir/{pretrain,local}``, the
-        last stage into ``workdir``."""
+        last stage (whose log and curve are the run's own) into ``workdir``. ``on_epoch_end`` gets this model
+        after every epoch of each stage."""
+        self.teacher.load_weights(self.weights)
         images = TrainImages.from_data(train)
         workdir = Path(workdir) if workdir is not None else None
+        hook = (lambda epoch, _: on_epoch_end(epoch, self)) if on_epoch_end is not None else None
+        run_stage = partial(train_model, progress=progress, resume=resume, on_epoch_end=hook)
         try:
             if self.pretrain_folders and self.pretrain_epochs > 0:
                 general = TrainImages(self._load_folders())
-                self._train_stage("pretrain", self.pretrain_epochs, general, progress, workdir, resume)
+                run_stage(self.distillation(general=True), general, workdir=_below(workdir, "pretrain"))
             if self.local_epochs > 0:
-                self._train_stage("local", self.local_epochs, images, progress, workdir, resume)
+                run_stage(self.distillation(general=False), images, workdir=_below(workdir, "local"))
             self._fit_descriptor_statistics(images)
-            self.fitted.fill_(True)  # predict works during the last stage too (validation along it)
-            self._train_stage("global", self.global_epochs, images, progress, workdir, resume)
+            self.local_net.requires_grad_(False)
+            self.decoder.requires_grad_(False)
+            run_stage(self, images, workdir=workdir, on_epoch_end=marking_fitted(self, on_epoch_end))
         finally:
             self.requires_grad_(True)
             self.teacher.requires_grad_(False)
@@ -460,7 +454,8 @@ class Glance(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 3)
             descriptors = torch.cat([
-                self.local_net(self._patch_and_image(batch.to(device))[0])
+                self.local_net(training_patches(batch.to(device), self.image_size, self.patch_size,
+                                                self.one_class)[0])
                 for _ in range(patches_per_image) for batch in images.batches(64)
             ])
         self.descriptor_mean.copy_(descriptors.mean(0))
@@ -511,10 +506,10 @@ class Glance(nn.Module):
 
     def _maps(self, images: torch.Tensor, incremental: bool, chunk: int = 400) -> torch.Tensor:
         """(B, H, W) maps: the grid's patch scores (``chunk`` patches at a time), fused by IDW."""
-        full = self._resize(images, self.image_size)
+        full = self.preprocess(images)
         if self.one_class:
             g = self.global_net(full, full.new_ones(full.shape[0], 1, *full.shape[-2:]))
-            scores = self.patch_scores(g, self.local_features(self._resize(images, self.patch_size)))
+            scores = self.patch_scores(g, self.local_features(resize(images, self.patch_size)))
             return scores[:, None, None].expand(-1, *images.shape[-2:]).clone()
         side, p = self.image_size, self.patch_size
         origins = grid_origins(side, p, self.grid)
@@ -544,15 +539,10 @@ class Glance(nn.Module):
         fused = (scores @ self._idw_weights(full.device).T).view(-1, 1, side, side)
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
-    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) (the map's maximum, D.1) and anomaly maps (B, H, W) for images in [0, 1]."""
-        if not bool(self.fitted):
-            raise NotFittedError("Glance is not fitted: call fit(train_images) or load a fitted model")
-        was_training = self.training
-        self.eval()
-        try:
-            maps = torch.cat([self.anomaly_maps(batch) for batch in images.split(8)])
-        finally:
-            self.train(was_training)
-        return AnomalyPrediction(maps.flatten(1).amax(1), maps)
+        def score(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            maps = self.anomaly_maps(batch)
+            return maps.flatten(1).amax(1), maps
+
+        return predict_in_batches(self, images, self.PREDICT_BATCH, score, fitted=bool(self.fitted))

@@ -16,7 +16,7 @@ a whole batch in one pass instead of patch-by-patch crops.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.backbones.registry import create_backbone
+from metaad.backbones import Backbone
 from metaad.components.coreset import greedy_coreset
+from metaad.components.estimator import predict_in_batches
 from metaad.components.knn import SearchCache, exact_search, search_centroids
-from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
+from metaad.components.preprocess import Preprocess
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, NotFittedError, TrainingSettings, device_of
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings, device_of
 
 # the 8 neighbours of a patch, the classes of the relative-position task (Patch SVDD §3.3)
 DIRECTIONS = torch.tensor([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
@@ -99,11 +100,9 @@ class MultiScalePatch(nn.Module):
         coreset_ratio: fraction of training patches kept per scale (greedy k-center, as PatchCore §3.2;
             1.0 keeps all, as the paper's exhaustive nearest-neighbour search does).
         standardize_images: "auto" (default), "always" or "never" (the paper preset): PatchCore's exposure
-            standardisation (``metaad.data.transforms.standardize_intensity``) before the backbone; "auto" applies
-            it when the training images' mean brightness varies by more than 10% (measured at fit; PatchCore's
-            rule). A metaad addition: on held-out MTD training images with synthetic surface defects
-            (``benchmarks/epoch_validation.py``, no test image) the paper setting's image AUROC went from 0.951
-            to 0.987 with it.
+            standardisation before the backbone (``metaad.components.preprocess.Preprocess``). A metaad addition,
+            which raised the paper setting's image AUROC on held-out MTD training images with synthetic surface
+            defects (``benchmarks/epoch_validation.py``, no test image; ``benchmarks/NOTES.md``).
         epochs, batch_size, lr: Adam training (not given by the supplementary: Patch SVDD's lr 1e-4; 10 epochs
             of 762 Magnetic Tile images take about 10 minutes on 2 shared cores).
         seed: seeds the layers, the training order and sampling, the coreset and the search index.
@@ -120,7 +119,7 @@ class MultiScalePatch(nn.Module):
     Presets: ``"paper"`` (supp. §2's Magnetic Tile setting: 128 px, 3 scales, K = 50), ``"cpu"`` and ``"tiny"``.
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"standardize_images": "never", "exposure_variation": None}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"image_size": 128, "patch_sizes": (64, 32, 16), "layers": (3, 2, 1), "clusters": 50,
                   "standardize_images": "never"},
@@ -131,24 +130,13 @@ class MultiScalePatch(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int, ...] = (3, 2, 1),
-        patch_sizes: tuple[int, ...] = (64, 32, 16),
-        weights: str | None = None,
+        backbone: str = "tf_efficientnet_lite0", layers: tuple[int, ...] = (3, 2, 1),
+        patch_sizes: tuple[int, ...] = (64, 32, 16), weights: str | None = None,
         image_size: int = 128,
-        embedding_dim: int = 64,
-        encoder_width: int = 128,
-        clusters: int = 50,
-        lambda_svdd: float = 1.0,
-        lambda_kmeans: float = 1.0,
-        anchors: int = 16,
-        fusion: str = "mult",
-        coreset_ratio: float = 0.1,
-        standardize_images: str = "auto",
-        epochs: int = 10,
-        batch_size: int = 16,
-        lr: float = 1e-4,
-        seed: int = 0,
+        embedding_dim: int = 64, encoder_width: int = 128, clusters: int = 50,
+        lambda_svdd: float = 1.0, lambda_kmeans: float = 1.0, anchors: int = 16,
+        fusion: str = "mult", coreset_ratio: float = 0.1, standardize_images: str = "auto",
+        epochs: int = 10, batch_size: int = 16, lr: float = 1e-4, seed: int = 0,
     ) -> None:
         super().__init__()
         if len(layers) != len(patch_sizes) or not patch_sizes:
@@ -157,30 +145,18 @@ class MultiScalePatch(nn.Module):
             raise ValueError(f"fusion must be 'mult' or 'sum', got {fusion!r}")
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        if standardize_images not in ("auto", "always", "never"):
-            raise ValueError(f"standardize_images must be 'auto', 'always' or 'never', got {standardize_images!r}")
         if not isinstance(image_size, int) or image_size < max(patch_sizes):
             raise ValueError(f"image_size must be an integer of at least {max(patch_sizes)}, got {image_size!r}")
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.patch_sizes = tuple(patch_sizes)
-        self.weights = weights
+        self.backbone, self.layers = backbone, tuple(layers)
+        self.patch_sizes, self.weights = tuple(patch_sizes), weights
         self.image_size = image_size
-        self.embedding_dim = embedding_dim
-        self.encoder_width = encoder_width
-        self.clusters = clusters
-        self.lambda_svdd = lambda_svdd
-        self.lambda_kmeans = lambda_kmeans
-        self.anchors = anchors
-        self.fusion = fusion
-        self.coreset_ratio = coreset_ratio
-        self.standardize_images = standardize_images
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.seed = seed
+        self.embedding_dim, self.encoder_width, self.clusters = embedding_dim, encoder_width, clusters
+        self.lambda_svdd, self.lambda_kmeans, self.anchors = lambda_svdd, lambda_kmeans, anchors
+        self.fusion, self.coreset_ratio, self.standardize_images = fusion, coreset_ratio, standardize_images
+        self.epochs, self.batch_size, self.lr, self.seed = epochs, batch_size, lr, seed
         order = sorted(set(self.layers))
-        self.feature_extractor = create_backbone(backbone, tuple(order), weights)
+        self.feature_extractor = Backbone(backbone, tuple(order))
+        self.preprocess = Preprocess(image_size, standardize_images, self.feature_extractor.normalization)
         self._which = [order.index(layer) for layer in self.layers]
         channels = [self.feature_extractor.channels[i] for i in self._which]
         self.strides = [self.feature_extractor.reductions[i] for i in self._which]
@@ -191,29 +167,17 @@ class MultiScalePatch(nn.Module):
         for i in range(len(self.patch_sizes)):
             self.register_buffer(f"bank_{i}", torch.empty(0, embedding_dim))
             self.register_buffer(f"ivf_{i}", torch.empty(0, embedding_dim))
-        self.register_buffer("exposure_variation", torch.tensor(float("nan")))
         self._indexes = SearchCache()
 
-    @property
-    def standardizing(self) -> bool:
-        """Whether images are standardised before the backbone (for "auto", decided by the last fit)."""
-        return standardizing(self.standardize_images, float(self.exposure_variation))
-
     def fit_summary(self) -> dict:
-        return {f"bank_{p}px": int(getattr(self, f"bank_{i}").shape[0]) for i, p in enumerate(self.patch_sizes)}
+        banks = {f"bank_{p}px": int(getattr(self, f"bank_{i}").shape[0]) for i, p in enumerate(self.patch_sizes)}
+        return {**banks, **self.preprocess.fit_summary()}
 
     # ------------------------------------------------------------------------------------------ features
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        side = self.image_size
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return images
-
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Dense patch embeddings (B, D, h_s, w_s), one map per patch size, for images in [0, 1]."""
         with torch.no_grad():
-            images = self._resize(images)
-            maps = self.feature_extractor(standardize_intensity(images) if self.standardizing else images)
+            maps = self.feature_extractor(self.preprocess(images))
         return [enc(maps[i].contiguous()) for enc, i in zip(self.encoders, self._which, strict=True)]
 
     # ----------------------------------------------------------------------------------------- training
@@ -245,19 +209,13 @@ class MultiScalePatch(nn.Module):
                 total = total + self.lambda_kmeans * (points - centres[labels]).square().sum(1).mean()
         return total
 
-    def fit(
-        self,
-        train: torch.Tensor | Iterable,
-        *,
-        progress: bool = False,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-    ) -> MultiScalePatch:
+    def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
+            resume: bool = False, on_epoch_end: EpochEnd | None = None) -> MultiScalePatch:
         """Train the encoders and C (shared loop), then keep every training patch's embedding per scale."""
+        self.feature_extractor.load_weights(self.weights)
         images = TrainImages.from_data(train)
-        if self.standardize_images == "auto":
-            self.exposure_variation = torch.tensor(exposure_variation(images.batches()))
-        train_model(self, images, progress=progress, workdir=workdir, resume=resume)
+        self.preprocess.measure(images.batches())
+        train_model(self, images, progress=progress, workdir=workdir, resume=resume, on_epoch_end=on_epoch_end)
         self.eval()
         chunks: list[list[torch.Tensor]] = [[] for _ in self.patch_sizes]
         device = device_of(self)
@@ -311,15 +269,10 @@ class MultiScalePatch(nn.Module):
         maps = self._fused_map(images, self._exact_search)
         return maps.flatten(1).amax(1), maps
 
-    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) (the map's maximum) and anomaly maps (B, H, W) for images in [0, 1]."""
-        if self.bank_0.shape[0] == 0:
-            raise NotFittedError("MultiScalePatch is not fitted: call fit(train_images) or load a fitted model")
-        was_training = self.training
-        self.eval()
-        try:
-            maps = torch.cat([self.anomaly_maps(batch) for batch in images.split(self.batch_size)])
-        finally:
-            self.train(was_training)
-        return AnomalyPrediction(maps.flatten(1).amax(1), maps)
+        def score(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            maps = self.anomaly_maps(batch)
+            return maps.flatten(1).amax(1), maps
+
+        return predict_in_batches(self, images, self.batch_size, score, fitted=self.bank_0.shape[0] > 0)

@@ -15,7 +15,8 @@ the model, so a loaded model searches exactly as the fitted one did. Banks small
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,18 +25,37 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from metaad.backbones import create_backbone
+from metaad.backbones import Backbone
 from metaad.components.coreset import greedy_coreset, random_projection
+from metaad.components.estimator import predict_in_batches
 from metaad.components.knn import SearchCache, exact_search, search_centroids
+from metaad.components.preprocess import Preprocess
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.batches import iter_image_batches
-from metaad.data.transforms import (
-    EXPOSURE_VARIATION_LIMIT,
-    exposure_variation,
-    standardize_intensity,
-    standardizing,
-)
-from metaad.types import AnomalyPrediction, NotFittedError, device_of
+from metaad.types import AnomalyPrediction, TrainData, device_of
+
+Search = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (queries, k) -> distances, indices
+
+
+def reweighted_score(
+    patch_scores: torch.Tensor, queries: torch.Tensor, nn_index: torch.Tensor, memory_bank: torch.Tensor,
+    num_neighbors: int, search: Search,
+) -> torch.Tensor:
+    """Eq. 7: s = (1 - exp||m_test - m*|| / sum_{m in N_b(m*)} exp||m_test - m||) * s*, per image.
+
+    ``patch_scores`` (B, N) and ``nn_index`` (B, N) are each patch's distance to its nearest bank entry and that
+    entry's row, ``queries`` (B, N, C) the patches; ``search(m*, b)`` finds N_b(m*), which contains m* itself.
+    """
+    worst = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1)
+    max_scores = patch_scores.gather(1, worst)[:, 0]
+    if num_neighbors <= 1:
+        return max_scores
+    m_test = queries.gather(1, worst[..., None].expand(-1, 1, queries.shape[-1]))[:, 0]  # (B, C)
+    m_star = memory_bank[nn_index.gather(1, worst)[:, 0]]  # (B, C)
+    _, neighbours = search(m_star.contiguous(), min(num_neighbors, memory_bank.shape[0]))
+    distances = torch.linalg.vector_norm(memory_bank[neighbours] - m_test[:, None], dim=-1)
+    weight = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
+    return weight * max_scores
 
 
 class PatchCore(nn.Module):
@@ -48,23 +68,18 @@ class PatchCore(nn.Module):
         image_size: side of the square the images are resized to before the backbone (the papers' 256 px); the
             anomaly map comes back at the input's size. metaad's data pipeline loads photographs at this size
             when it is larger than 256 px, so a photograph is resized once (``metaad.runs.fit.loading_size``).
-            None: as given. 320 px localises better (PRO on Magnetic Tile Defects 0.740 → 0.765) but detected
-            worse on its test (image AUROC 0.941 → 0.927) at 1.3 times the time, so it is an option, not the
-            default (``benchmarks/NOTES.md``).
-        standardize_images: "auto" (default), "always" or "never": give each image the ImageNet mean and
-            standard deviation of pixel values before the backbone (``metaad.data.transforms.
-            standardize_intensity``), which removes shot-to-shot exposure and contrast that a frozen backbone
-            would see as texture. "auto" decides at fit time: it standardises when the training images' mean
-            brightness varies by more than ``EXPOSURE_VARIATION_LIMIT`` (coefficient of variation; the measured
-            value is kept as ``exposure_variation``). A metaad addition, not in the paper. On Magnetic Tile
-            Defects (variation 0.31) it raised the validation AUROC of the training split from 0.85 to 0.92;
-            on metaad's synthetic categories, lit alike (variation 0.05-0.06), it lowered the image AUROC from
-            0.93 to 0.87 on average, hence "auto" (``benchmarks/patchcore_validation.py``,
-            ``benchmarks/patchcore_synthetic.py``, ``benchmarks/NOTES.md``; no test image read).
+            None: as given. 320 px localised better on Magnetic Tile Defects but detected worse, at 1.3 times
+            the time, so it is an option, not the default (``benchmarks/NOTES.md``).
+        standardize_images: "auto" (default), "always" or "never": exposure standardisation before the backbone
+            (``metaad.components.preprocess.Preprocess``; "auto" decides at fit from the training images'
+            exposure variation). A metaad addition, not in the paper: it raised the validation AUROC on Magnetic
+            Tile Defects, whose shots vary in exposure, and lowered it on metaad's evenly lit synthetic categories,
+            hence "auto" (``benchmarks/patchcore_validation.py``, ``benchmarks/patchcore_synthetic.py``, figures
+            in ``benchmarks/NOTES.md``; no test image read).
         patch_size: neighbourhood aggregated around each patch (§3.1: p = 3). ``patch_size=1`` (no averaging)
-            localises thin synthetic defects better (validation PRO 0.49 → 0.57) but did not detect them
-            better once broad, low-contrast shading defects were part of the validation (image AUROC +0.002
-            ± 0.003, 5 folds), so the paper's p = 3 stays the default (``benchmarks/NOTES.md``).
+            localises thin synthetic defects better but did not detect them better once broad, low-contrast
+            shading defects were part of the validation, so the paper's p = 3 stays the default
+            (``benchmarks/NOTES.md``).
         aggregation: how the neighbourhood is aggregated: "mean" (the paper's adaptive average pooling, eq. 2)
             or "unfold" (the p×p neighbours' features concatenated, keeping their layout, as the reference
             code's unfold does before its dimension pooling; p² times wider features).
@@ -98,37 +113,18 @@ class PatchCore(nn.Module):
         "cpu": {"coreset_ratio": 0.01},
         "tiny": {"image_size": 64, "border_padding": 0, "search": "exact", "batch_size": 4},
     }
-    # What a model saved by an older metaad lacks (see metaad.types): parameters it was fitted as if it had,
-    # and buffers that keep their constructed value.
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {
-        "image_size": None,
-        "standardize_images": "never",
-        "border_padding": 0,
-        "exposure_variation": None,
-    }
-    EXPOSURE_VARIATION_LIMIT: ClassVar[float] = EXPOSURE_VARIATION_LIMIT
+    # what a model saved by an older metaad lacks (see metaad.types): parameters it was fitted as if it had
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"image_size": None, "border_padding": 0}
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int, ...] = (2, 3),
-        weights: str | None = None,
-        image_size: int | None = 256,
-        standardize_images: str = "auto",
-        patch_size: int = 3,
-        aggregation: str = "mean",
-        border_padding: int = 32,
-        coreset_ratio: float = 0.1,
-        projection_dim: int = 128,
-        coreset_shard_size: int = 4096,
-        num_neighbors: int = 9,
-        image_score: str = "patch",
-        blur_sigma: float = 4.0,
-        search: str = "ivf",
-        nprobe: int = 16,
-        ivf_min_bank: int = 20000,
-        batch_size: int = 4,
-        seed: int = 0,
+        backbone: str = "tf_efficientnet_lite0", layers: tuple[int, ...] = (2, 3), weights: str | None = None,
+        image_size: int | None = 256, standardize_images: str = "auto",
+        patch_size: int = 3, aggregation: str = "mean", border_padding: int = 32,
+        coreset_ratio: float = 0.1, projection_dim: int = 128, coreset_shard_size: int = 4096,
+        num_neighbors: int = 9, image_score: str = "patch", blur_sigma: float = 4.0,
+        search: str = "ivf", nprobe: int = 16, ivf_min_bank: int = 20000,
+        batch_size: int = 4, seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
@@ -137,32 +133,20 @@ class PatchCore(nn.Module):
             raise ValueError(f"image_score must be 'patch' or 'map', got {image_score!r}")
         if aggregation not in ("mean", "unfold"):
             raise ValueError(f"aggregation must be 'mean' or 'unfold', got {aggregation!r}")
-        if standardize_images not in ("auto", "always", "never"):
-            raise ValueError(f"standardize_images must be 'auto', 'always' or 'never', got {standardize_images!r}")
         if search not in ("ivf", "exact"):
             raise ValueError(f"search must be 'ivf' or 'exact', got {search!r}")
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
+        self.backbone, self.layers, self.weights = backbone, tuple(layers), weights
+        self.image_size, self.standardize_images = image_size, standardize_images
+        self.patch_size, self.aggregation, self.border_padding = patch_size, aggregation, border_padding
+        self.coreset_ratio, self.projection_dim = coreset_ratio, projection_dim
+        self.coreset_shard_size = coreset_shard_size
+        self.num_neighbors, self.image_score, self.blur_sigma = num_neighbors, image_score, blur_sigma
+        self.search, self.nprobe, self.ivf_min_bank = search, nprobe, ivf_min_bank
+        self.batch_size, self.seed = batch_size, seed
         if image_size is not None and (not isinstance(image_size, int) or image_size < 32):
             raise ValueError(f"image_size must be None or an integer of at least 32 pixels, got {image_size!r}")
-        self.image_size = image_size
-        self.standardize_images = standardize_images
-        self.patch_size = patch_size
-        self.aggregation = aggregation
-        self.border_padding = border_padding
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.coreset_shard_size = coreset_shard_size
-        self.num_neighbors = num_neighbors
-        self.image_score = image_score
-        self.blur_sigma = blur_sigma
-        self.search = search
-        self.nprobe = nprobe
-        self.ivf_min_bank = ivf_min_bank
-        self.batch_size = batch_size
-        self.seed = seed
-        self.feature_extractor = create_backbone(backbone, self.layers, weights)
+        self.feature_extractor = Backbone(backbone, self.layers)
+        self.preprocess = Preprocess(image_size, standardize_images, self.feature_extractor.normalization)
         deepest = max(self.feature_extractor.reductions)
         if border_padding < 0 or border_padding % deepest:
             raise ValueError(
@@ -172,31 +156,17 @@ class PatchCore(nn.Module):
         width = sum(self.feature_extractor.channels) * (patch_size**2 if aggregation == "unfold" else 1)
         self.register_buffer("memory_bank", torch.empty(0, width))
         self.register_buffer("ivf_centroids", torch.empty(0, width))
-        self.register_buffer("exposure_variation", torch.tensor(float("nan")))
         self._indexes = SearchCache()
-
-    @property
-    def standardizing(self) -> bool:
-        """Whether images are standardised before the backbone (for "auto", decided by the last fit)."""
-        return standardizing(self.standardize_images, float(self.exposure_variation))
 
     def fit_summary(self) -> dict:
         """What the last fit decided from the data (written to a run's ``metrics.json`` as ``fitted``)."""
-        return {
-            "memory_bank_size": int(self.memory_bank.shape[0]),
-            "exposure_variation": float(self.exposure_variation),
-            "standardizing": self.standardizing,
-        }
+        return {"memory_bank_size": int(self.memory_bank.shape[0]), **self.preprocess.fit_summary()}
 
     # ------------------------------------------------------------------------------------------ features
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features (B, C, h, w) at the resolution of the first chosen stage (§3.1)."""
-        side = self.image_size
-        if side is not None and images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        if self.standardizing:
-            images = standardize_intensity(images)
+        images = self.preprocess(images)
         border = self.border_padding
         if border:
             if border >= min(images.shape[-2:]):
@@ -222,21 +192,15 @@ class PatchCore(nn.Module):
         return features
 
     # ----------------------------------------------------------------------------------------------- fit
-    def fit(
-        self,
-        train: torch.Tensor | Iterable,
-        *,
-        progress: bool = False,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-    ) -> PatchCore:
+    def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
+            resume: bool = False) -> PatchCore:
         """Build the memory bank from defect-free images in [0, 1]: all patch features -> greedy coreset (§3.2).
 
         One pass, no checkpoints: ``workdir`` and ``resume`` are accepted for the contract and unused."""
-        if self.standardize_images == "auto":
-            if not hasattr(train, "__len__"):  # a one-shot iterator: keep its batches for the second pass
-                train = list(iter_image_batches(train, self.batch_size))
-            self.exposure_variation = torch.tensor(exposure_variation(iter_image_batches(train, self.batch_size)))
+        self.feature_extractor.load_weights(self.weights)
+        if self.standardize_images == "auto" and not hasattr(train, "__len__"):  # a one-shot iterator: keep its
+            train = list(iter_image_batches(train, self.batch_size))  # batches for the second pass
+        self.preprocess.measure(iter_image_batches(train, self.batch_size))
         chunks, device = [], device_of(self)
         if isinstance(train, torch.Tensor):
             total = math.ceil(len(train) / self.batch_size)
@@ -269,69 +233,37 @@ class PatchCore(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------- predict
-    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) and anomaly maps (B, H, W) for (B, 3, H, W) images in [0, 1]."""
-        if self.memory_bank.shape[0] == 0:
-            raise NotFittedError("PatchCore is not fitted: call fit(train_images) or load a fitted model first")
-        scores, maps = [], []
-        for batch in images.split(self.batch_size):
-            patches = self.embed(batch)
-            b, c, h, w = patches.shape
-            queries = patches.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
-            dist, nn_index = self._search(queries, k=1)
-            patch_scores = dist[:, 0].view(b, h * w)
-            anomaly_map = self._anomaly_map(patch_scores.view(b, 1, h, w), batch.shape[-2:])
-            if self.image_score == "map":
-                scores.append(anomaly_map.flatten(1).amax(1))
-            else:
-                queries = queries.view(b, h * w, c)
-                scores.append(self._reweighted_score(queries, patch_scores, nn_index.view(b, h * w)))
-            maps.append(anomaly_map)
-        return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
+        score = partial(self._score, search=self._search)
+        return predict_in_batches(self, images, self.batch_size, score, fitted=self.memory_bank.shape[0] > 0)
 
-    def _reweighted_score(self, queries: torch.Tensor, patch_scores: torch.Tensor, nn_index: torch.Tensor):
-        """Eq. 7: s = (1 - exp||m_test - m*|| / sum_{m in N_b(m*)} exp||m_test - m||) * s*."""
-        worst = patch_scores.argmax(dim=1)
-        rows = torch.arange(queries.shape[0], device=queries.device)
-        max_scores = patch_scores[rows, worst]
-        if self.num_neighbors <= 1:
-            return max_scores
-        m_test = queries[rows, worst]  # (B, C)
-        m_star = self.memory_bank[nn_index[rows, worst]]  # (B, C)
-        k = min(self.num_neighbors, self.memory_bank.shape[0])
-        _, neighbours = self._search(m_star.contiguous(), k=k)  # N_b(m*), which contains m* itself
-        distances = torch.linalg.vector_norm(self.memory_bank[neighbours] - m_test[:, None], dim=-1)
-        weight = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
-        return weight * max_scores
-
-    def _anomaly_map(self, patch_scores: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        """Patch scores upsampled to the input size and smoothed with a Gaussian (§3.3, sigma = 4)."""
-        upsampled = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False)
-        return gaussian_blur(upsampled, self.blur_sigma)[:, 0]
-
-    # -------------------------------------------------------------------------------------------- export
     EXPORT_CHUNK: ClassVar[int] = 4096  # bank rows per matrix product in ``export_forward`` (bounds its memory)
 
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``predict`` in plain tensor operations for ONNX export (``metaad.types``): the faiss search becomes an
         exact one (matrix products and minima over bank chunks), so it matches ``search="exact"``."""
+        return self._score(images, lambda queries, k: exact_search(queries, self.memory_bank, k, self.EXPORT_CHUNK))
+
+    def _score(self, images: torch.Tensor, search: Search) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) and maps (B, H, W) of one batch: nearest-neighbour patch scores by ``search``, the map
+        (§3.3) and the image score (eq. 7, or the map's maximum)."""
         patches = self.embed(images)
         b, c, h, w = patches.shape
-        queries = patches.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        distances, nn_index = exact_search(queries.reshape(-1, c), self.memory_bank, 1, self.EXPORT_CHUNK)
-        patch_scores = distances.view(b, h * w)
+        queries = patches.permute(0, 2, 3, 1).reshape(-1, c).contiguous()
+        distances, nn_index = search(queries, 1)
+        patch_scores = distances[:, 0].view(b, h * w)
         anomaly_map = self._anomaly_map(patch_scores.view(b, 1, h, w), images.shape[-2:])
-        worst = patch_scores.argmax(dim=1, keepdim=True)
-        max_scores = patch_scores.gather(1, worst)[:, 0]
-        if self.image_score == "map" or self.num_neighbors <= 1:
-            return (anomaly_map.flatten(1).amax(1) if self.image_score == "map" else max_scores), anomaly_map
-        m_test = queries.gather(1, worst[..., None].expand(b, 1, c))[:, 0]
-        m_star = self.memory_bank[nn_index.view(b, h * w).gather(1, worst)[:, 0]]
-        _, neighbours = exact_search(m_star, self.memory_bank, self.num_neighbors, self.EXPORT_CHUNK)
-        distances = torch.linalg.vector_norm(self.memory_bank[neighbours] - m_test[:, None], dim=-1)
-        weight = 1.0 - torch.softmax(distances.double(), dim=1)[:, 0].float()
-        return weight * max_scores, anomaly_map
+        if self.image_score == "map":
+            return anomaly_map.flatten(1).amax(1), anomaly_map
+        scores = reweighted_score(patch_scores, queries.view(b, h * w, c), nn_index.view(b, h * w),
+                                  self.memory_bank, self.num_neighbors, search)
+        return scores, anomaly_map
+
+    def _anomaly_map(self, patch_scores: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Patch scores upsampled to the input size and smoothed with a Gaussian (§3.3, sigma = 4)."""
+        upsampled = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False)
+        return gaussian_blur(upsampled, self.blur_sigma)[:, 0]
 
     # -------------------------------------------------------------------------------------------- search
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Loading never unpickles or executes anything: the JSON names a registered class, the tensors are safetensors.
 No per-method code: a buffer registered empty (a memory bank, whose size the data decides) is resized to the
-saved shape before loading, and ``SAVED_WITHOUT`` (see ``metaad.types``) fills in what older saves lack.
+saved shape before loading; what the saves of an older metaad lack or name otherwise is one rule for every
+method (below), and a method's own constructor arguments added since are its ``SAVED_WITHOUT``
+(``metaad.types``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from metaad.models import REGISTRY, create_model, get_config, model_class, regis
 
 CONFIG_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
+# What the saves of an older metaad name otherwise (old key -> key now), lack among the buffers (the value a save
+# without it had; None: the constructed one), and lack among the constructor arguments (the value its fit used).
+RENAMED_KEYS = {"exposure_variation": "preprocess.exposure_variation"}
+ADDED_BUFFERS: dict[str, object] = {
+    "preprocess.exposure_variation": None,  # NaN: saved before exposure standardisation, which it never did
+    "descriptor_mean": None,  # Glance before its descriptors were standardised: zeros and ones change nothing
+    "descriptor_std": None,
+    "fitted": True,  # a save from before the flag was of a fitted model
+}
+ADDED_PARAMETERS: dict[str, object] = {"standardize_images": "never"}
 
 
 def save_model(model: nn.Module, folder: str | Path) -> Path:
@@ -51,21 +63,18 @@ def load_model(folder: str | Path) -> nn.Module:
             f"available: {', '.join(sorted(REGISTRY))}. Refit with 'metaad fit'."
         )
     cls = model_class(name)
-    legacy = getattr(cls, "SAVED_WITHOUT", {})
-    params = dict(config["params"])
-    model = _build(cls, name, folder, params, legacy)
-    state = load_tensors(folder / WEIGHTS_FILE)
+    model = _build(cls, name, folder, dict(config["params"]))
+    state = {RENAMED_KEYS.get(key, key): tensor for key, tensor in load_tensors(folder / WEIGHTS_FILE).items()}
     own = model.state_dict()
     for key, saved in state.items():  # data-sized buffers, registered empty
         if key in own and own[key].numel() == 0 and own[key].shape != saved.shape:
             _set_buffer(model, key, saved)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    for key in missing:  # a buffer an older save lacks: its SAVED_WITHOUT value, else the constructed one
-        value = legacy.get(key.rsplit(".", 1)[-1])
-        if value is not None and key in own:
+    for key in missing:  # a buffer an older save lacks
+        if ADDED_BUFFERS.get(key) is not None:
             with torch.no_grad():
-                model.get_buffer(key).fill_(value)
-    missing = [k for k in missing if k.rsplit(".", 1)[-1] not in legacy]
+                model.get_buffer(key).fill_(ADDED_BUFFERS[key])
+    missing = [key for key in missing if key not in ADDED_BUFFERS]
     if missing or unexpected:
         raise ValueError(
             f"{folder / WEIGHTS_FILE}: does not match model {name!r} of this metaad "
@@ -75,11 +84,12 @@ def load_model(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _build(cls: type, name: str, folder: Path, params: dict, legacy: dict) -> nn.Module:
+def _build(cls: type, name: str, folder: Path, params: dict) -> nn.Module:
     from metaad.types import model_params
 
     accepted = set(model_params(cls))
-    params = {**{k: v for k, v in legacy.items() if k in accepted and k not in params}, **params}
+    added = {**ADDED_PARAMETERS, **cls.SAVED_WITHOUT}
+    params = {**{k: v for k, v in added.items() if k in accepted and k not in params}, **params}
     try:
         return create_model(name, **params)
     except (TypeError, ValueError) as error:

@@ -12,7 +12,6 @@ upsample, sum, Gaussian σ = 4 → image score = the map's maximum.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.backbones.registry import create_backbone
+from metaad.backbones import Backbone
+from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.preprocess import Preprocess
 from metaad.components.smoothing import gaussian_blur
-from metaad.data.transforms import exposure_variation, standardize_intensity, standardizing
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, NotFittedError, TrainingSettings
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -139,23 +139,20 @@ class ReverseDistillation(nn.Module):
             the reference trains 200 epochs).
         blur_sigma: Gaussian smoothing of the anomaly map (§4.1: σ = 4).
         standardize_images: "auto" (default), "always" or "never" (the paper): PatchCore's exposure
-            standardisation (``metaad.data.transforms.standardize_intensity``) before the teacher; "auto" applies
-            it when the training images' mean brightness varies by more than 10% (measured at fit; PatchCore's
-            rule). A metaad addition, chosen with the epoch count below.
+            standardisation before the teacher (``metaad.components.preprocess.Preprocess``). A metaad addition,
+            chosen with the epoch count below.
         seed: seeds the trainable layers' initialisation and the training order.
 
     The default is a CPU-sized student for EfficientNet-Lite0's 24/40/112 channels (2.1 M trained weights),
-    trained for 5 epochs with exposure standardisation, the best of 5/10/15 epochs with and without it on
+    trained for 5 epochs with exposure standardisation: the best of 5, 10 and 15 epochs with and without it on
     held-out MTD training images with synthetic surface defects (``benchmarks/epoch_validation.py``, no test
-    image read): image AUROC 0.936/0.901/0.900 standardised, 0.923/0.899/0.901 not (standard error about
-    0.015, so the standardisation's gain is within noise; the fall after 5 epochs shows in both). Longer
-    training lets the student rebuild the features of defects too.
+    image read; the figures are in ``benchmarks/NOTES.md``). Longer training lets the student rebuild the
+    features of defects too.
     Presets: ``"paper"`` (A.2.1 with the reference's widths: WideResNet-50 teacher, needs ``weights=PATH``;
     no standardisation), ``"cpu"`` (the defaults) and ``"tiny"`` (tests).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"standardize_images": "never", "exposure_variation": None}
-
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "backbone": "wide_resnet50_2",
@@ -173,47 +170,29 @@ class ReverseDistillation(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        layers: tuple[int, ...] = (1, 2, 3),
-        weights: str | None = None,
+        backbone: str = "tf_efficientnet_lite0", layers: tuple[int, ...] = (1, 2, 3), weights: str | None = None,
         image_size: int = 256,
-        bottleneck_channels: int = 256,
-        bottleneck_blocks: int = 1,
-        decoder_blocks: int = 2,
+        bottleneck_channels: int = 256, bottleneck_blocks: int = 1, decoder_blocks: int = 2,
         loss: str = "flat",
-        epochs: int = 5,
-        batch_size: int = 16,
-        lr: float = 0.005,
-        betas: tuple[float, float] = (0.5, 0.999),
-        blur_sigma: float = 4.0,
-        standardize_images: str = "auto",
-        seed: int = 0,
+        epochs: int = 5, batch_size: int = 16, lr: float = 0.005, betas: tuple[float, float] = (0.5, 0.999),
+        blur_sigma: float = 4.0, standardize_images: str = "auto", seed: int = 0,
     ) -> None:
         super().__init__()
-        if standardize_images not in ("auto", "always", "never"):
-            raise ValueError(f"standardize_images must be 'auto', 'always' or 'never', got {standardize_images!r}")
         if loss not in ("flat", "local"):
             raise ValueError(f"loss must be 'flat' or 'local', got {loss!r}")
         if not isinstance(image_size, int) or image_size < 32:
             raise ValueError(f"image_size must be an integer of at least 32 pixels, got {image_size!r}")
         if bottleneck_blocks < 1 or decoder_blocks < 1:
             raise ValueError(f"need at least one block, got {bottleneck_blocks} and {decoder_blocks}")
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
+        self.backbone, self.layers, self.weights = backbone, tuple(layers), weights
         self.image_size = image_size
-        self.bottleneck_channels = bottleneck_channels
-        self.bottleneck_blocks = bottleneck_blocks
+        self.bottleneck_channels, self.bottleneck_blocks = bottleneck_channels, bottleneck_blocks
         self.decoder_blocks = decoder_blocks
         self.loss = loss
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.betas = tuple(betas)
-        self.blur_sigma = blur_sigma
-        self.standardize_images = standardize_images
-        self.seed = seed
-        self.teacher = create_backbone(backbone, self.layers, weights)
+        self.epochs, self.batch_size, self.lr, self.betas = epochs, batch_size, lr, tuple(betas)
+        self.blur_sigma, self.standardize_images, self.seed = blur_sigma, standardize_images, seed
+        self.teacher = Backbone(backbone, self.layers)
+        self.preprocess = Preprocess(image_size, standardize_images, self.teacher.normalization)
         channels, reductions = self.teacher.channels, self.teacher.reductions
         if any(b != 2 * a for a, b in itertools.pairwise(reductions)):
             raise ValueError(f"the teacher's layers must each halve the resolution, got strides {reductions}")
@@ -224,27 +203,15 @@ class ReverseDistillation(nn.Module):
             self.bottleneck = Bottleneck(channels, reductions, bottleneck_channels, bottleneck_blocks)
             self.decoder = Decoder(bottleneck_channels, channels, decoder_blocks)
         self.register_buffer("fitted", torch.tensor(False))
-        self.register_buffer("exposure_variation", torch.tensor(float("nan")))
 
-    @property
-    def standardizing(self) -> bool:
-        """Whether images are standardised before the teacher (for "auto", decided by the last fit)."""
-        return standardizing(self.standardize_images, float(self.exposure_variation))
+    def fit_summary(self) -> dict:
+        return self.preprocess.fit_summary()
 
     # ------------------------------------------------------------------------------------------ features
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        side = self.image_size
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return images
-
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher maps and the student's rebuilt maps for (B, 3, H, W) images in [0, 1]."""
         with torch.no_grad():
-            images = self._resize(images)
-            if self.standardizing:
-                images = standardize_intensity(images)
-            teacher = [t.contiguous() for t in self.teacher(images)]
+            teacher = [t.contiguous() for t in self.teacher(self.preprocess(images))]
         student = self.decoder(self.bottleneck(teacher))
         return teacher, student
 
@@ -258,7 +225,6 @@ class ReverseDistillation(nn.Module):
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L_KD (§3.3): the sum over scales of 1 − cosine similarity (see ``loss`` for the two forms)."""
-        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
         teacher, student = self(images)
         total = images.new_zeros(())
         for t, s in zip(teacher, student, strict=True):
@@ -268,19 +234,14 @@ class ReverseDistillation(nn.Module):
                 total = total + (1 - F.cosine_similarity(t, s, dim=1)).mean()
         return total
 
-    def fit(
-        self,
-        train: torch.Tensor | Iterable,
-        *,
-        progress: bool = False,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-    ) -> ReverseDistillation:
+    def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
+            resume: bool = False, on_epoch_end: EpochEnd | None = None) -> ReverseDistillation:
         """Train the bottleneck and the decoder on defect-free images (the teacher stays frozen)."""
+        self.teacher.load_weights(self.weights)
         train = TrainImages.from_data(train)
-        if self.standardize_images == "auto":
-            self.exposure_variation = torch.tensor(exposure_variation(train.batches()))
-        train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+        self.preprocess.measure(train.batches())
+        train_model(self, train, progress=progress, workdir=workdir, resume=resume,
+                    on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self.eval()
 
@@ -296,15 +257,11 @@ class ReverseDistillation(nn.Module):
             total += F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
         return gaussian_blur(total, self.blur_sigma)[:, 0]
 
-    @torch.inference_mode()
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,), the map's maximum, and anomaly maps (B, H, W) of one batch."""
+        maps = self.anomaly_maps(images)
+        return maps.flatten(1).amax(1), maps
+
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Image scores (B,) (the map's maximum) and anomaly maps (B, H, W) for images in [0, 1]."""
-        if not bool(self.fitted):
-            raise NotFittedError("ReverseDistillation is not fitted: call fit(train_images) or load a fitted model")
-        was_training = self.training
-        self.eval()
-        try:
-            maps = torch.cat([self.anomaly_maps(batch) for batch in images.split(self.batch_size)])
-        finally:
-            self.train(was_training)
-        return AnomalyPrediction(maps.flatten(1).amax(1), maps)
+        return predict_in_batches(self, images, self.batch_size, self.export_forward, fitted=bool(self.fitted))

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.components.anomaly_synthesis import generate_textures, simulate_anomalies
+from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.preprocess import Preprocess
 from metaad.components.smoothing import gaussian_blur
 from metaad.components.ssim import ssim_loss, ssim_map
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
 
 DEPTH = 4  # poolings: image_size must be a multiple of 16
 
@@ -94,6 +96,7 @@ class UNetAutoencoder(nn.Module):
     ``"paper"``: 256 px, width 64 (the usual U-Net width; A.2.5 gives none), 100 epochs. ``"tiny"``: tests.
     """
 
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"image_size": 256, "width": 64, "epochs": 100, "batch_size": 16, "lr": 1e-4},
         "cpu": {},
@@ -102,17 +105,9 @@ class UNetAutoencoder(nn.Module):
 
     def __init__(
         self,
-        image_size: int = 128,
-        width: int = 16,
-        skips: int = 1,
-        map_type: str = "l2",
-        corruption_probability: float = 0.5,
-        blur_sigma: float = 4.0,
-        epochs: int = 25,
-        batch_size: int = 16,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        seed: int = 0,
+        image_size: int = 128, width: int = 16, skips: int = 1,
+        map_type: str = "l2", corruption_probability: float = 0.5, blur_sigma: float = 4.0,
+        epochs: int = 25, batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0,
     ) -> None:
         super().__init__()
         if map_type not in ("l2", "ssim"):
@@ -121,27 +116,17 @@ class UNetAutoencoder(nn.Module):
             raise ValueError(f"image_size must be a multiple of {2**DEPTH} pixels, got {image_size!r}")
         if not 0 <= skips <= DEPTH:
             raise ValueError(f"skips must be in 0 … {DEPTH}, got {skips}")
-        self.image_size = image_size
-        self.width = width
-        self.skips = skips
-        self.map_type = map_type
-        self.corruption_probability = corruption_probability
-        self.blur_sigma = blur_sigma
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.seed = seed
+        self.image_size, self.width, self.skips = image_size, width, skips
+        self.map_type, self.corruption_probability, self.blur_sigma = map_type, corruption_probability, blur_sigma
+        self.epochs, self.batch_size, self.lr, self.weight_decay, self.seed = epochs, batch_size, lr, weight_decay, seed
+        self.preprocess = Preprocess(image_size)
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is untouched
             torch.manual_seed(seed)
             self.unet = UNet(width, skips)
         self.register_buffer("fitted", torch.tensor(False))
 
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        side = self.image_size
-        if images.shape[-2:] != (side, side):
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return images
+    def fit_summary(self) -> dict:
+        return {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The reconstruction in [0, 1] space of images in [0, 1] (normalised with mean 0.5, std 0.5 inside)."""
@@ -156,8 +141,7 @@ class UNetAutoencoder(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """L2 (in the normalised space) or SSIM loss between the reconstruction of a possibly corrupted input
         and the clean image."""
-        self.fitted.fill_(True)  # trained weights from the first step: predict works during a training too
-        clean = self._resize(images)
+        clean = self.preprocess(images)
         corrupted = clean
         if self.corruption_probability > 0:
             textures = generate_textures(len(clean), clean.shape[-2:])
@@ -168,9 +152,10 @@ class UNetAutoencoder(nn.Module):
         return F.mse_loss(reconstruction / 0.5, clean / 0.5)
 
     def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
-            resume: bool = False) -> UNetAutoencoder:
+            resume: bool = False, on_epoch_end: EpochEnd | None = None) -> UNetAutoencoder:
         """Train the U-Net on defect-free images."""
-        train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+        train_model(self, train, progress=progress, workdir=workdir, resume=resume,
+                    on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self.eval()
 
@@ -184,20 +169,13 @@ class UNetAutoencoder(nn.Module):
         padded = [F.pad(x, (pad,) * 4, mode="reflect") for x in (images, reconstruction)]
         return 1 - ssim_map(*padded, window_size=2 * pad + 1).mean(1, keepdim=True)
 
-    @torch.inference_mode()
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) (the map's maximum) and maps (B, H, W) of one batch."""
+        resized = self.preprocess(images)
+        residual = gaussian_blur(self.residual_map(resized, self(resized)), self.blur_sigma)
+        maps = F.interpolate(residual, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return maps.flatten(1).amax(1), maps
+
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
         """Scores (B,) (the map's maximum) and maps (B, H, W) for images in [0, 1]."""
-        if not bool(self.fitted):
-            raise NotFittedError("UNetAutoencoder is not fitted: call fit(train_images) or load a fitted model")
-        was_training = self.training
-        self.eval()
-        try:
-            maps = []
-            for batch in images.split(self.batch_size):
-                resized = self._resize(batch)
-                residual = gaussian_blur(self.residual_map(resized, self(resized)), self.blur_sigma)
-                maps.append(F.interpolate(residual, size=batch.shape[-2:], mode="bilinear", align_corners=False))
-        finally:
-            self.train(was_training)
-        maps_ = torch.cat(maps)[:, 0]
-        return AnomalyPrediction(maps_.flatten(1).amax(1), maps_)
+        return predict_in_batches(self, images, self.batch_size, self.export_forward, fitted=bool(self.fitted))

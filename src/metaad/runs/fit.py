@@ -36,7 +36,7 @@ def loading_size(model: nn.Module, requested: int | None = None) -> int:
     down to 256 and up again; else 256. Metrics are computed at this size."""
     if requested is not None:
         return layout.checked_size(requested)
-    return max(DEFAULT_IMAGE_SIZE, getattr(model, "image_size", None) or 0)
+    return max(DEFAULT_IMAGE_SIZE, model.image_size or 0)
 
 
 def fit_and_evaluate(
@@ -119,8 +119,7 @@ def fit_and_evaluate(
         ms_per_image_end_to_end=predictions.ms_per_image_end_to_end,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
-    if hasattr(fitted, "fit_summary"):  # decisions the fit took from the data, e.g. PatchCore's standardisation
-        metrics["fitted"] = fitted.fit_summary()
+    metrics["fitted"] = fitted.fit_summary()  # decisions the fit took from the data, e.g. PatchCore's standardisation
     write_report(
         out, predictions, metrics, thresholds.get("threshold"), pixel_threshold=thresholds.get("pixel_threshold")
     )

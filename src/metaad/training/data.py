@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from metaad.data.batches import iter_image_batches
 
@@ -33,12 +33,17 @@ class TrainImages:
 
     @classmethod
     def from_data(cls, data: torch.Tensor | Dataset | DataLoader | Iterable[Any]) -> TrainImages:
-        """From a tensor, a metaad data set (samples with an ``"image"``), a DataLoader or batches."""
+        """From a tensor, a metaad data set (samples with an ``"image"``), a DataLoader or batches.
+
+        A DataLoader's batches are taken as it yields them (its workers, its collation) unless it shuffles,
+        samples or drops images: then its data set is read in index order, so that the images, and the
+        training, are the same whatever loader wraps them.
+        """
         if isinstance(data, TrainImages):
             return data
         if isinstance(data, torch.Tensor):
             return cls(data)
-        if isinstance(data, DataLoader):
+        if isinstance(data, DataLoader) and _reorders(data):  # the loop draws its own seeded order, not the loader's
             data = data.dataset
         if isinstance(data, Dataset) and hasattr(data, "__len__"):  # map-style: one sample at a time
             samples = [data[i] for i in range(len(data))]
@@ -55,3 +60,12 @@ class TrainImages:
     def batches(self, size: int = 64) -> Iterable[torch.Tensor]:
         """The images in order, ``size`` at a time, in [0, 1] (for one pass of statistics over them)."""
         return (self[index] for index in torch.arange(len(self)).split(size))
+
+
+def _reorders(loader: DataLoader) -> bool:
+    """Whether ``loader`` yields other images, or another order, than its map-style data set holds."""
+    if isinstance(loader.dataset, IterableDataset):
+        return False
+    batches = loader.batch_sampler
+    in_order = type(batches) is BatchSampler and type(batches.sampler) is SequentialSampler
+    return not in_order or batches.drop_last

@@ -7,9 +7,10 @@ A method defines ``training_loss(images)`` and ``training_settings()``; this loo
 - a seeded order per epoch, and the global RNG re-seeded at each epoch's start, so that a method's random
   augmentations repeat too;
 - a progress bar with loss and ETA; ``train_log.jsonl`` (one JSON line per epoch) and ``loss_curve.png``;
-- a checkpoint after every epoch: ``checkpoint.safetensors`` holds weights, optimiser state and progress in
-  one atomically written file (``checkpoint.json`` is a readable copy; nothing pickled), and ``resume=True``
-  continues from it and ends bit-identical to an uninterrupted run, wherever the interruption fell;
+- a checkpoint after every epoch (``checkpoint.safetensors``, the format of ``metaad.training.checkpoint``:
+  weights, optimiser, schedule, RNG states and progress in one atomically written file; ``checkpoint.json``
+  is a readable copy), and ``resume=True`` continues from it and ends bit-identical to an uninterrupted run,
+  wherever the interruption fell;
 - data parallelism under ``torchrun``: each process computes the gradient of its share of every batch and
   the gradients are averaged with an all-reduce (what ``DistributedDataParallel`` does, without wrapping the
   module, so that a method's loss may call any of its parts). gloo on CPUs, NCCL on GPUs.
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +28,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from metaad.io import atomic_write, load_checkpoint_file, save_checkpoint_file, write_json
+from metaad.io import atomic_write
+from metaad.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from metaad.training.data import TrainImages
-from metaad.types import TrainableModel, TrainData, TrainingSettings, get_config
+from metaad.types import EpochEnd, TrainableModel, TrainData, TrainingSettings, get_config
 
 CHECKPOINT = "checkpoint.safetensors"
 PROGRESS = "checkpoint.json"
 LOSS_LOG = "train_log.jsonl"
 LOSS_CURVE = "loss_curve.png"
-
-
-_EPOCH_END_HOOKS: list[Callable[[int, TrainableModel], None]] = []
-
-
-@contextmanager
-def epoch_end_hook(hook: Callable[[int, TrainableModel], None]) -> Iterator[None]:
-    """Call ``hook(epoch, model)`` after every epoch of every ``train_model`` inside the ``with`` block, as
-    ``on_epoch_end`` is: so a harness can validate along a method's own ``fit`` (several stages included)."""
-    _EPOCH_END_HOOKS.append(hook)
-    try:
-        yield
-    finally:
-        _EPOCH_END_HOOKS.remove(hook)
 
 
 def distributed_context() -> tuple[int, int]:
@@ -67,7 +53,7 @@ def train_model(
     progress: bool = False,
     workdir: str | Path | None = None,
     resume: bool = False,
-    on_epoch_end: Callable[[int, TrainableModel], None] | None = None,
+    on_epoch_end: EpochEnd | None = None,
 ) -> TrainableModel:
     """Train ``model`` on defect-free images with its own settings; returns it in eval mode.
 
@@ -76,7 +62,8 @@ def train_model(
     ``on_epoch_end(epoch, model)`` is called after each epoch (1-based), e.g. to validate along one training;
     the model is back in train mode afterwards.
     """
-    if not isinstance(model, nn.Module) or not isinstance(model, TrainableModel):
+    needed = ("training_loss", "training_settings")  # what the loop calls (not the whole method contract)
+    if not isinstance(model, nn.Module) or not all(callable(getattr(model, name, None)) for name in needed):
         raise TypeError(f"{type(model).__name__} is not a trainable metaad model (training_loss, training_settings)")
     settings = model.training_settings()
     if settings.epochs < 0 or settings.batch_size < 1:
@@ -96,8 +83,12 @@ def train_model(
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, settings.lr_gamma)
     fingerprint = _fingerprint(model, settings, len(images))
     start, history = 0, []
+    parts = {"modules": {"model": model}, "optimizers": {"optimizer": optimizer},  # what a checkpoint holds
+             "schedulers": {"schedule": schedule}}
     if resume and workdir is not None and (workdir / CHECKPOINT).is_file():
-        start, history = _load_checkpoint(workdir, model, optimizer, schedule, fingerprint)
+        start, history = load_training_checkpoint(
+            workdir / CHECKPOINT, identity=fingerprint, readable_copy=workdir / PROGRESS, **parts
+        )
         if rank == 0:  # lines logged after the checkpoint (a kill in between) are trained again: drop them
             lines = "".join(json.dumps(record) + "\n" for record in history)
             atomic_write(workdir / LOSS_LOG, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
@@ -134,9 +125,10 @@ def train_model(
         if workdir is not None and rank == 0:
             with open(workdir / LOSS_LOG, "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
-            _save_checkpoint(workdir, model, optimizer, schedule, epoch + 1, history, fingerprint)
-        for hook in ([on_epoch_end] if on_epoch_end is not None else []) + _EPOCH_END_HOOKS:
-            hook(epoch + 1, model)
+            save_training_checkpoint(workdir / CHECKPOINT, epoch=epoch + 1, identity=fingerprint, history=history,
+                                     readable_copy=workdir / PROGRESS, **parts)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model)
             model.train()
     model.eval()
     if workdir is not None and rank == 0 and history:
@@ -194,59 +186,6 @@ def _fingerprint(model: nn.Module, settings: TrainingSettings, n_images: int) ->
     config = json.loads(json.dumps(get_config(model), default=str))
     config.pop("epochs", None)  # a resumed training may be given more epochs
     return {"model": type(model).__name__, "config": config, "n_images": n_images}
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def _save_checkpoint(
-    workdir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    epoch: int,
-    history: list[dict],
-    fingerprint: dict[str, Any],
-) -> None:
-    """Weights, optimiser state and progress in one atomic file; ``checkpoint.json`` is a readable copy."""
-    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
-    optimizer_state = optimizer.state_dict()
-    for index, state in optimizer_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    progress = {
-        "epoch": epoch,
-        "fingerprint": fingerprint,
-        "param_groups": optimizer_state["param_groups"],
-        "schedule": {k: v for k, v in schedule.state_dict().items() if k != "milestones"},
-        "history": history,
-    }
-    save_checkpoint_file(workdir / CHECKPOINT, tensors, progress)
-    write_json(workdir / PROGRESS, progress)
-
-
-def _load_checkpoint(
-    workdir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    fingerprint: dict[str, Any],
-) -> tuple[int, list[dict]]:
-    tensors, progress = load_checkpoint_file(workdir / CHECKPOINT, workdir / PROGRESS)
-    if progress.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{workdir / CHECKPOINT}: the checkpoint is of another training ({progress.get('fingerprint')}); "
-            f"this one is {fingerprint}. Resume with the same model settings and images, or start afresh."
-        )
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
-    schedule_state = schedule.state_dict()
-    schedule_state.update(progress["schedule"])
-    schedule.load_state_dict(schedule_state)
-    return int(progress["epoch"]), list(progress["history"])
 
 
 def plot_loss_curve(history: list[dict], path: Path, title: str = "") -> None:

@@ -3,7 +3,7 @@
 P maps an image to a response map R in [0, 1] that is high on the foreground object. It is the generator G
 of a GAN that imitates the *color selectivo* effect (object in colour, background gray):
 
-- G (:class:`Generator`): ImageNet-normalised (B, 3, H, W) → R (B, 1, H, W); a U-Net whose encoder is the
+- G (:class:`Generator`): (B, 3, H, W) RGB in [0, 1] → R (B, 1, H, W); a U-Net whose encoder is the
   stem and first five blocks of EfficientNet-Lite0 (strides 2..16, initialised from ImageNet classification
   weights, image-level labels only) and whose light decoder goes back to full resolution through skip
   connections and the RGB input, so that R keeps object boundaries.
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from metaad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from metaad.io import load_tensors, read_json
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
@@ -170,7 +170,8 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen encoder's features at strides 2, 4, 8, 16 (training precomputes them once)."""
+        """The frozen encoder's features at strides 2, 4, 8, 16 of ImageNet-normalised images (training
+        precomputes them once)."""
         x = self.bn1(self.conv_stem(images * self.input_scale + self.input_shift))
         features = []
         for index, block in enumerate(self.blocks):
@@ -180,7 +181,7 @@ class Generator(nn.Module):
         return features
 
     def decode(self, features: Sequence[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid R at the resolution of ``images`` from the encoder's ``features``."""
+        """Pre-sigmoid R at the resolution of ImageNet-normalised ``images`` from the encoder's ``features``."""
         f2, f4, f8, f16 = (f.to(images.dtype) for f in features)
         x = self.lateral(f16)
         for stage, skip in ((self.up8, f8), (self.up4, f4), (self.up2, f2)):
@@ -190,13 +191,15 @@ class Generator(nn.Module):
         return self.head(self.up1(torch.cat([x, images], 1)))
 
     def respond(self, images: torch.Tensor) -> torch.Tensor:
-        """R in [0, 1] at the input's own resolution."""
+        """R in [0, 1] of ImageNet-normalised images, at their own resolution."""
         return torch.sigmoid(self.decode(self.encode(images), images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """R (B, 1, H, W) in [0, 1] for ImageNet-normalised (B, 3, H, W) images, run at ``working_size``."""
+        """R (B, 1, H, W) in [0, 1] for (B, 3, H, W) RGB images in [0, 1], run at ``working_size`` on the images
+        normalised with ImageNet's statistics (what the decoder sees; the encoder converts to its own)."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected ImageNet-normalised (B, 3, H, W) images, got {tuple(images.shape)}")
+            raise ValueError(f"expected (B, 3, H, W) RGB images in [0, 1], got {tuple(images.shape)}")
+        images = normalize(images)
         size = images.shape[-2:]
         if self.working_size is None or tuple(size) == (self.working_size, self.working_size):
             return self.respond(images)
@@ -252,8 +255,6 @@ class Discriminator(nn.Module):
 @torch.no_grad()
 def luminance_context(generator: Generator, images: torch.Tensor) -> list[torch.Tensor]:
     """D's context: the frozen encoder's stride-8 and stride-16 features of gray(images) ([0, 1] RGB)."""
-    from metaad.data.transforms import normalize
-
     gray = to_gray(images).expand(-1, 3, -1, -1)
     return generator.encode(normalize(gray))[2:]
 
@@ -271,7 +272,7 @@ def load_instance_prior(path: str | None = None) -> nn.Module:
     """The frozen eval-mode generator P from ``path`` (a ``.safetensors`` file with a ``.json`` config beside it).
 
     ``None`` loads the generator shipped in ``metaad/weights/instance_prior.safetensors``; nothing is
-    downloaded. Input: ImageNet-normalised (B, 3, H, W); output: R (B, 1, H, W) in [0, 1].
+    downloaded. Input: (B, 3, H, W) RGB in [0, 1]; output: R (B, 1, H, W) in [0, 1].
     """
     weights = Path(path) if path is not None else SHIPPED_WEIGHTS
     config_path = weights.with_suffix(".json")

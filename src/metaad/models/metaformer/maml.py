@@ -5,7 +5,8 @@ Inner step (eq. 3): θ'ᵢ = θ − α∇L(Tᵢ) on a support batch of group G�
 BatchNorm uses batch statistics throughout meta-training (running statistics are recalibrated once on wild
 images before the universal model is written). Tasks of one outer step are split across ranks and their
 gradients all-reduced, so W processes take the same step as one. Every epoch is checkpointed atomically
-(``checkpoint.safetensors``: weights + Adam state; ``progress.json``) and a run resumes from it.
+(``checkpoint.safetensors``, the format of ``metaad.training.checkpoint``; ``progress.json`` is a readable
+copy) and a run resumes from it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from metaad.data.transforms import pil_to_tensor
-from metaad.io import load_checkpoint_file, load_tensors, save_checkpoint_file, save_tensors, write_json
+from metaad.io import load_tensors, save_tensors
 from metaad.models.metaformer.instance_prior import SHIPPED_WEIGHTS
 from metaad.models.metaformer.model import ARCHITECTURE_ARGS, UNIVERSAL_FORMAT, Metaformer, reconstruction_loss
+from metaad.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+from metaad.training.loop import distributed_context
 from metaad.types import device_of
 
 Tensors = dict[str, torch.Tensor]
@@ -120,13 +123,6 @@ def metaformer_loss(model: Metaformer) -> LossFn:
         return reconstruction_loss(output, batch[0], model.ssim_weight)
 
     return loss_fn
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def meta_step(
@@ -247,35 +243,6 @@ def _prior_cache(paths: Sequence[str], model: Metaformer, cache_dir: str | Path 
     return Path(cache_dir) / f"wild_priors_{cache_key(paths, settings)[:16]}.safetensors"
 
 
-def save_checkpoint(
-    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, progress: dict[str, Any]
-) -> None:
-    """Weights, Adam state and progress in one atomic file; ``progress.json`` is a readable copy."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"optimizer.{names[id(p)]}.{key}"] = torch.as_tensor(value)
-    progress = {**progress, "epoch": epoch}
-    save_checkpoint_file(out / CHECKPOINT, tensors, progress)
-    write_json(out / PROGRESS, progress)
-
-
-def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the progress record."""
-    tensors, progress = load_checkpoint_file(out / CHECKPOINT, out / PROGRESS)
-    device = device_of(model)
-    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    state.setdefault("fitted", torch.tensor(False))  # checkpoints of metaad before the flag
-    model.load_state_dict(state)
-    for name, p in model.named_parameters():
-        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
-        if state:
-            optimizer.state[p] = {k: v if k == "step" else v.to(device) for k, v in state.items()}
-    return progress
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, data: WildImages, batch_size: int, batches: int = 16) -> None:
     """Running BatchNorm statistics as the plain average over ``batches`` wild batches at the final θ."""
@@ -323,24 +290,14 @@ def meta_train(
     device = device_of(model)
     loss_fn = metaformer_loss(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.outer_lr)
-    record: dict[str, Any] = {
-        "config": asdict(config),
+    identity = {  # a resumed run may be given more epochs
         "model": {n: getattr(model, n) for n in ARCHITECTURE_ARGS},
-        "history": [],
+        "config": {k: v for k, v in asdict(config).items() if k != "epochs"},
     }
-    start = 0
+    parts = {"modules": {"model": model}, "optimizers": {"optimizer": optimizer}}
+    start, history = 0, []
     if resume and (out / CHECKPOINT).is_file():
-        saved = load_checkpoint(out, model, optimizer)
-        differences = [
-            f"{part}.{key}: saved {saved[part].get(key)!r}, now {value!r}"
-            for part in ("model", "config")
-            for key, value in record[part].items()
-            if key != "epochs" and saved[part].get(key) != value
-        ]
-        if differences:
-            raise ValueError(f"{out / CHECKPOINT}: cannot resume a different run ({'; '.join(differences)})")
-        record["history"] = saved["history"]
-        start = saved["epoch"]
+        start, history = load_training_checkpoint(out / CHECKPOINT, identity=identity, **parts)
     model.train()
     for epoch in range(start, config.epochs):
         lr = config.outer_lr * config.lr_decay ** (epoch // config.decay_every)
@@ -359,7 +316,7 @@ def meta_train(
             ]
             losses.append(meta_step(model, optimizer, loss_fn, tasks, config))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        record["history"].append(
+        history.append(
             {
                 "epoch": epoch + 1,
                 "loss": sum(losses) / len(losses),
@@ -368,11 +325,12 @@ def meta_train(
             }
         )
         if rank == 0:
-            save_checkpoint(out, model, optimizer, epoch + 1, record)
+            save_training_checkpoint(out / CHECKPOINT, epoch=epoch + 1, identity=identity, history=history,
+                                     readable_copy=out / PROGRESS, **parts)
             if progress:
                 tqdm.write(
-                    f"epoch {epoch + 1}/{config.epochs}: query loss {record['history'][-1]['loss']:.5f}, "
-                    f"lr {lr:.2e}, {record['history'][-1]['seconds']:.1f} s"
+                    f"epoch {epoch + 1}/{config.epochs}: query loss {history[-1]['loss']:.5f}, "
+                    f"lr {lr:.2e}, {history[-1]['seconds']:.1f} s"
                 )
         if world > 1:
             dist.barrier()

@@ -5,7 +5,7 @@ input; the output is a sigmoid).
 P, the frozen instance-prior generator, gives a response map R in [0, 1]; T, a vanilla encoder-decoder
 transformer (8 heads, 3 + 3 layers, §3.2), takes R as the encoder's input and the reconstruction Ĩ = A(I) as
 the decoder's, and its output, folded back to an image-sized map R', re-weights Ĩ element-wise (eq. 8).
-Meta-training (Algorithm 1) lives in ``maml.py`` and ``tasks.py`` beside this file; ``fit`` here is the meta-testing step.
+Meta-training (Algorithm 1) is ``maml.py`` and ``tasks.py`` beside this file; ``fit`` here is the meta-testing step.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,14 +22,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from metaad.backbones.registry import create_backbone
+from metaad.backbones import Backbone, create_backbone
+from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.preprocess import Preprocess
 from metaad.components.smoothing import gaussian_blur
 from metaad.components.ssim import ssim_loss
-from metaad.data.batches import iter_image_batches
 from metaad.data.transforms import normalize
 from metaad.io import load_tensors
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, NotFittedError, TrainData, TrainingSettings, device_of
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
 
 CONFIGURATIONS = ("A", "A+P", "A+P+T")  # Table 3 of the paper
 TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
@@ -38,7 +40,7 @@ ARCHITECTURE_ARGS = ("configuration", "width_multiplier", "image_size")
 MAP_TYPES = ("l2", "feature")
 FEATURE_BACKBONE, FEATURE_LAYERS, FEATURE_SIZE = "tf_efficientnet_lite0", (2, 3), 256  # map_type="feature"
 # universal models that ship inside the package, by the name ``init`` accepts for them (how each was meta-trained:
-# the .json beside it). "universal-cpu" is the default; "universal-cpu-second-order" was, until 2026-11-30.
+# the .json beside it). "universal-cpu" is the default; "universal-cpu-second-order" is its second-order twin.
 SHIPPED_UNIVERSAL = {
     name: Path(__file__).resolve().parents[2] / "weights" / f"metaformer_{name.replace('-', '_')}.safetensors"
     for name in ("universal-cpu", "universal-cpu-second-order")
@@ -164,30 +166,43 @@ class CenterBiasPrior(nn.Module):
         return prior.expand(images.shape[0], 1, height, width)
 
 
+@dataclass
+class FrozenParts:
+    """The frozen networks a Metaformer uses but does not own, held outside its module tree: P (from the
+    ``prior`` file, the built-in stand-in, or ``set_prior``) and the "feature" map's backbone, each loaded on
+    first use. So neither is in ``state_dict`` (saves and universal models hold A and T), trained, or moved by
+    ``.to``: each is moved to its input's device where it runs. ``prior_cache``: R per training image, for one
+    fit (P is frozen)."""
+
+    prior: nn.Module | None = None
+    prior_injected: bool = False  # P came from set_prior: no file describes it
+    feature_extractor: Backbone | None = None
+    prior_cache: dict[bytes, torch.Tensor] = field(default_factory=dict)
+
+
 class Metaformer(nn.Module):
     """Metaformer anomaly detector: meta-tested from a universal model, scores by the reconstruction gap.
 
     ``configuration`` picks Table 3's variant: "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R) or "A+P+T" (Î = Ĩ ⊗ R').
     ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from, or the name of
     one shipped with metaad ("universal-cpu": A+P+T at the "cpu" preset's size, first-order MAML;
-    "universal-cpu-second-order": the same, second order, the default before 2026-11-30); None trains from
-    scratch.
+    "universal-cpu-second-order": the same, second order); None trains from scratch.
     ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs, lr 1e-4,
     batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file (None:
     metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module mapping
-    ImageNet-normalised (B, 3, H, W) to R (B, 1, H, W) in [0, 1] (metaad's P takes ImageNet statistics;
-    the model normalises for it). P is frozen and not part of ``state_dict``.
+    (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in [0, 1]. P is frozen and not part of ``state_dict``
+    (:class:`FrozenParts`).
 
     Anomaly map (``map_type``): "feature", the default, is the gap measured by a frozen EfficientNet-Lite0
     (offline weights, stages 2 and 3, I and Î seen at 256 px): 1 − cosine per location, upsampled, summed,
     smoothed with σ = 4. "l2", the paper's (and the "paper" preset's), is the squared error between I and Î
     (both in [0, 1]) averaged over RGB, Gaussian-smoothed with ``smoothing_sigma`` pixels (at 256 px; scaled
     with ``image_size``). The default was chosen on held-out MTD training images with synthetic surface
-    defects, never test labels (``benchmarks/metaformer_map_validation.py``, rule in ``benchmarks/NOTES.md``):
-    image AUROC 0.72 and PRO 0.66 against the paper map's 0.60 and 0.55; it costs a Lite0 pass on I and Î
-    per image. On featureless surfaces (smooth gradients, no texture) the backbone's responses are weak, the
-    cosine gap is noisy and the image borders score highest: use "l2" there. Either map is resized to the
-    input size; the image score is its maximum. The backbone, like P, is frozen and kept out of ``state_dict``.
+    defects, never test labels (``benchmarks/metaformer_map_validation.py``; figures and rule in
+    ``benchmarks/NOTES.md``); it costs a Lite0 pass on I and Î per image. On featureless surfaces (smooth
+    gradients, no texture) the backbone's responses are weak, the cosine gap is noisy and the image borders
+    score highest: use "l2" there. Either map is resized to the input size; the image score is its maximum.
+    The backbone, like P, is frozen and kept out of ``state_dict``.
 
     The defaults (= preset "cpu") adapt the universal model shipped with metaad ("universal-cpu": 64 px,
     width 1/8, batch 16, lr 1e-3, the size the "cpu" meta-training preset produces): Metaformer exists to
@@ -197,7 +212,7 @@ class Metaformer(nn.Module):
     (``init=PATH``). Saves of metaad before the feature map was the default load with the map they had ("l2").
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2", "fitted": True}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2"}
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64, "lr": 1e-4,
@@ -209,18 +224,10 @@ class Metaformer(nn.Module):
 
     def __init__(
         self,
-        configuration: str = "A+P+T",
-        width_multiplier: float = 0.125,
-        image_size: int = 64,
-        init: str | None = "universal-cpu",
-        adapt_epochs: int = 30,
-        lr: float = 1e-3,
-        batch_size: int = 16,
-        ssim_weight: float = 0.1,
-        prior: str | None = None,
-        smoothing_sigma: float = 4.0,
-        map_type: str = "feature",
-        seed: int = 0,
+        configuration: str = "A+P+T", width_multiplier: float = 0.125,
+        image_size: int = 64, init: str | None = "universal-cpu",
+        adapt_epochs: int = 30, lr: float = 1e-3, batch_size: int = 16, ssim_weight: float = 0.1,
+        prior: str | None = None, smoothing_sigma: float = 4.0, map_type: str = "feature", seed: int = 0,
     ) -> None:
         super().__init__()
         if map_type not in MAP_TYPES:
@@ -229,52 +236,42 @@ class Metaformer(nn.Module):
             raise ValueError(f"Metaformer width_multiplier must be > 0, got {width_multiplier}")
         if configuration not in CONFIGURATIONS:
             raise ValueError(f"Metaformer configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
-        self.configuration = configuration
-        self.width_multiplier = width_multiplier
-        self.image_size = image_size
-        self.init = init
-        self.adapt_epochs = adapt_epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.ssim_weight = ssim_weight
-        self.prior = prior
-        self.smoothing_sigma = smoothing_sigma
-        self.map_type = map_type
-        self.seed = seed
+        self.configuration, self.width_multiplier = configuration, width_multiplier
+        self.image_size, self.init = image_size, init
+        self.adapt_epochs, self.lr, self.batch_size, self.ssim_weight = adapt_epochs, lr, batch_size, ssim_weight
+        self.prior, self.smoothing_sigma, self.map_type, self.seed = prior, smoothing_sigma, map_type, seed
+        self.preprocess = Preprocess(image_size)
         with torch.random.fork_rng():  # the initial weights depend on ``seed`` alone
             torch.manual_seed(seed)
             self.autoencoder = Autoencoder(width_multiplier, image_size)
             self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
         self.register_buffer("fitted", torch.tensor(False))
-        self.__dict__["_prior_module"] = None  # kept out of the module tree: P is frozen and stored apart
-        self.__dict__["_prior_injected"] = False  # True once set_prior gave P: then no file describes it
-        self.__dict__["_feature_extractor"] = None  # map_type="feature": frozen, offline weights, loaded on use
+        self.frozen = FrozenParts()
+
+    def fit_summary(self) -> dict:
+        return {}
 
     # -- the instance prior P ------------------------------------------------------------------------------
 
     def set_prior(self, module: nn.Module) -> Metaformer:
         """Use ``module`` as P (frozen, eval mode) instead of loading it from ``prior``."""
-        self._hold_prior(module)
-        self.__dict__["_prior_injected"] = True
+        self.frozen.prior = module.eval().requires_grad_(False)
+        self.frozen.prior_injected = True
         return self
-
-    def _hold_prior(self, module: nn.Module) -> None:
-        module.eval().requires_grad_(False)
-        self.__dict__["_prior_module"] = module
 
     @property
     def prior_injected(self) -> bool:
         """Whether P came from ``set_prior`` rather than from ``prior`` (a weights file or "center-bias")."""
-        return self.__dict__["_prior_injected"]
+        return self.frozen.prior_injected
 
     @property
     def prior_module(self) -> nn.Module | None:
         """P, loaded on first use (None for configuration "A")."""
         if self.configuration == "A":
             return None
-        if self.__dict__["_prior_module"] is None:
+        if self.frozen.prior is None:
             if self.prior == CENTER_BIAS:
-                self._hold_prior(CenterBiasPrior())
+                self.frozen.prior = CenterBiasPrior()
             else:
                 try:
                     from metaad.models.metaformer.instance_prior import load_instance_prior
@@ -284,8 +281,8 @@ class Metaformer(nn.Module):
                         f"(metaad.models.metaformer.instance_prior could not be imported: {error}); pass "
                         f"prior='{CENTER_BIAS}' for the built-in stand-in or call set_prior(module)"
                     ) from error
-                self._hold_prior(load_instance_prior(self.prior))
-        return self.__dict__["_prior_module"]
+                self.frozen.prior = load_instance_prior(self.prior)  # frozen, in eval mode
+        return self.frozen.prior
 
     @torch.no_grad()
     def compute_prior(self, images: torch.Tensor) -> torch.Tensor | None:
@@ -294,7 +291,7 @@ class Metaformer(nn.Module):
         if prior is None:
             return None
         prior.to(images.device)
-        response = prior(normalize(images))
+        response = prior(images)
         if response.ndim != 4 or response.shape[:2] != (images.shape[0], 1):
             raise ValueError(f"the instance prior must return (B, 1, H, W), got {tuple(response.shape)}")
         if response.shape[-2:] != images.shape[-2:]:
@@ -335,16 +332,15 @@ class Metaformer(nn.Module):
 
     def feature_gap(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """The "feature" map, (B, S, S) with S = max(256, input side), between images I and their Î."""
-        extractor = self.__dict__["_feature_extractor"]
-        if extractor is None:
-            extractor = self.__dict__["_feature_extractor"] = create_backbone(FEATURE_BACKBONE, FEATURE_LAYERS)
-        extractor.to(images.device)
+        if self.frozen.feature_extractor is None:
+            self.frozen.feature_extractor = create_backbone(FEATURE_BACKBONE, FEATURE_LAYERS)
+        extractor = self.frozen.feature_extractor.to(images.device)
         side = max(FEATURE_SIZE, images.shape[-1])
         pair = torch.cat([images, reconstruction])
         if pair.shape[-1] != side:
             pair = F.interpolate(pair, size=(side, side), mode="bilinear", align_corners=False)
         distances = []
-        for feature in extractor(pair):
+        for feature in extractor(normalize(pair, *extractor.normalization)):
             original, rebuilt = feature.chunk(2)
             distance = 1 - F.cosine_similarity(original, rebuilt, dim=1).unsqueeze(1)
             distances.append(F.interpolate(distance, size=(side, side), mode="bilinear", align_corners=False))
@@ -385,14 +381,13 @@ class Metaformer(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. (7) on a batch of defect-free images in [0, 1]. P is frozen, so R is computed once per training
         image and kept for the epochs that follow (keyed by the image's bytes; the cache lives for one fit)."""
-        self.fitted.fill_(True)  # adapted weights from the first step: predict works during a training too
-        images = self._resize(images)
+        images = self.preprocess(images)
         return self.loss(images, self._cached_priors(images))
 
     def _cached_priors(self, images: torch.Tensor) -> torch.Tensor | None:
         if self.configuration == "A":
             return None
-        cache: dict[bytes, torch.Tensor] = self.__dict__.setdefault("_prior_cache", {})
+        cache = self.frozen.prior_cache
         keys = [image.detach().cpu().numpy().tobytes() for image in images]
         missing = [i for i, key in enumerate(keys) if key not in cache]
         if missing:
@@ -401,45 +396,30 @@ class Metaformer(nn.Module):
         return torch.stack([cache[key] for key in keys])
 
     def fit(
-        self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False
+        self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False,
+        on_epoch_end: EpochEnd | None = None,
     ) -> Metaformer:
         """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images, with the
         shared training loop (``metaad.training``)."""
         if self.init is not None:  # a resumed adaptation's checkpoint then replaces these weights
             self.load_universal(self.init)
-        self.__dict__["_prior_cache"] = {}
+        self.frozen.prior_cache = {}
         try:
-            train_model(self, train, progress=progress, workdir=workdir, resume=resume)
+            train_model(self, train, progress=progress, workdir=workdir, resume=resume,
+                        on_epoch_end=marking_fitted(self, on_epoch_end))
         finally:
-            self.__dict__["_prior_cache"] = {}
+            self.frozen.prior_cache = {}
         self.fitted.fill_(True)
         return self
 
-    @torch.no_grad()
+    def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,), the map's maximum, and maps (B, H, W) at the input size, of one batch."""
+        size = images.shape[-2:]
+        anomaly = self.anomaly_map(self.preprocess(images))
+        if anomaly.shape[-2:] != size:
+            anomaly = F.interpolate(anomaly[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return anomaly.flatten(1).amax(1), anomaly
+
     def predict(self, images: torch.Tensor | Iterable) -> AnomalyPrediction:
         """Scores (B,) and maps (B, H, W) at the input size, from images in [0, 1]."""
-        if not bool(self.fitted):
-            raise NotFittedError("Metaformer is not fitted: call fit(train_images) (it adapts from `init`) or "
-                                 "load a fitted model")
-        self.eval()
-        device = device_of(self)
-        scores, maps = [], []
-        for batch in iter_image_batches(images, self.batch_size):
-            size = batch.shape[-2:]
-            anomaly = self.anomaly_map(self._resize(batch).to(device))
-            if anomaly.shape[-2:] != size:
-                anomaly = F.interpolate(anomaly[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            maps.append(anomaly.cpu())
-            scores.append(anomaly.flatten(1).amax(1).cpu())
-        return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
-
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[1] != 3:
-            raise ValueError(f"Metaformer expects RGB (B, 3, H, W) images, got {tuple(images.shape)}")
-        if images.shape[-2:] == (self.image_size, self.image_size):
-            return images.float()
-        return F.interpolate(
-            images.float(), size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
-        )
-
-
+        return predict_in_batches(self, images, self.batch_size, self.export_forward, fitted=bool(self.fitted))

@@ -13,7 +13,8 @@ generator part. Per step, with batch B (images randomly mirrored):
 
 Adam (β = 0.5, 0.999) at ``lr`` decayed by 10% every ``lr_step_epochs`` epochs (§4: 2e-4, every 50 epochs,
 200 epochs, batch 64). Seeded: each epoch draws its order and mirrors from its own generator, so a run
-resumed from the checkpoint written atomically after every epoch continues exactly as if never stopped.
+resumed from the checkpoint written atomically after every epoch (the format of
+``metaad.training.checkpoint``) continues exactly as if never stopped.
 Each epoch adds a JSON line to ``log.jsonl``, with the MAE / max F of R on the validation part (its masks
 are used for this log only). At the end the averaged G is exported (weights + JSON config, command, log).
 """
@@ -32,7 +33,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from metaad.data.saliency import (
@@ -42,7 +42,7 @@ from metaad.data.saliency import (
     load_square_masks,
 )
 from metaad.data.transforms import normalize
-from metaad.io import atomic_write, save_tensors
+from metaad.io import atomic_write
 from metaad.metrics.saliency import SaliencyMetrics
 from metaad.models.metaformer.instance_prior import (
     Discriminator,
@@ -53,12 +53,11 @@ from metaad.models.metaformer.instance_prior import (
     luminance_context,
 )
 from metaad.models.metaformer.saliency_baselines import CenterBiasGaussian
+from metaad.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 EXPORT = "instance_prior.safetensors"
-CHECKPOINT_FORMAT = "metaad-instance-prior-checkpoint"
-_RESUMABLE_CHANGES = ("epochs",)  # fields that may differ between a checkpoint and the run resuming it
 
 
 @dataclass
@@ -275,62 +274,6 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith(prefix + "."):
-            index, key = name[len(prefix) + 1 :].split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-    current = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
-
-
-def _save_checkpoint(path: Path, epoch: int, models: dict, optimizers: dict, config: dict, data: _Data) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, model in models.items():
-        tensors.update({f"{name}.{k}": v for k, v in model.state_dict().items()})
-    for name, optimizer in optimizers.items():
-        tensors.update(_flatten_optimizer(optimizer, name))
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": str(epoch),
-        "config": json.dumps(config),
-        "data": data.fingerprint,
-    }
-    save_tensors(path, tensors, metadata=metadata)
-
-
-def _load_checkpoint(path: Path, models: dict, optimizers: dict, config: dict, data: _Data) -> int:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an instance-prior training checkpoint")
-    saved = json.loads(metadata["config"])
-    changed = sorted(
-        k for k in set(saved) | set(config) if saved.get(k) != config.get(k) and k not in _RESUMABLE_CHANGES
-    )
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise ValueError(f"{path}: cannot resume, the settings differ from the checkpoint's ({details})")
-    if metadata.get("data") != data.fingerprint:
-        raise ValueError(f"{path}: cannot resume, the data split differs from the checkpoint's (other --data?)")
-    for name, model in models.items():
-        prefix = name + "."
-        model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    for name, optimizer in optimizers.items():
-        _restore_optimizer(optimizer, tensors, name)
-    return int(metadata["epoch"])
-
-
 def _read_log(path: Path, last_epoch: int) -> list[dict]:
     """The log's records up to ``last_epoch`` (a run killed after logging an epoch it did not checkpoint)."""
     if not path.is_file():
@@ -402,9 +345,11 @@ def train_instance_prior(
     }
     models = {"generator": generator, "discriminator": discriminator, "average": average}
     config_json = config.to_json()
+    # what a resumed run must share with the checkpoint: the settings (but the epoch count) and the data split
+    identity = {"config": {k: v for k, v in config_json.items() if k != "epochs"}, "data": dataset.fingerprint}
     start_epoch = 0
     if resume and checkpoint.exists():
-        start_epoch = _load_checkpoint(checkpoint, models, optimizers, config_json, dataset)
+        start_epoch, _ = load_training_checkpoint(checkpoint, identity=identity, modules=models, optimizers=optimizers)
     records = _read_log(log_path, start_epoch)
     if start_epoch == 0:
         baseline = evaluate_prior(CenterBiasGaussian(), dataset.val_images, dataset.val_masks)
@@ -434,7 +379,7 @@ def train_instance_prior(
         record.update(lr=lr, val=_evaluate_decoder(average, banks.val_features, dataset, device, config.bf16))
         records.append(record)
         _write_log(log_path, records)  # log first: a kill before the checkpoint is trimmed on resume
-        _save_checkpoint(checkpoint, epoch, models, optimizers, config_json, dataset)
+        save_training_checkpoint(checkpoint, epoch=epoch, identity=identity, modules=models, optimizers=optimizers)
 
     generator = average.eval().cpu()
     provenance = {

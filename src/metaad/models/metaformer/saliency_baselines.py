@@ -1,7 +1,7 @@
 """Two training-free saliency baselines for the instance prior: a centre-bias Gaussian and spectral residual.
 
-Both take ImageNet-normalised (B, 3, H, W) images, like the instance-prior generator, and return
-(B, 1, H, W) maps in [0, 1], so that ``benchmarks/instance_prior.py`` scores all three the same way.
+Both take (B, 3, H, W) RGB images in [0, 1], like the instance-prior generator, and return (B, 1, H, W) maps in
+[0, 1], so that ``benchmarks/instance_prior.py`` scores all three the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.components.smoothing import gaussian_blur
-from metaad.data.transforms import denormalize
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as in Matlab's rgb2gray
 
@@ -51,7 +50,7 @@ class SpectralResidual(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        rgb = denormalize(images.float()).clamp(0, 1)
+        rgb = images.float().clamp(0, 1)
         gray = (rgb * rgb.new_tensor(_GRAY).view(1, 3, 1, 1)).sum(1, keepdim=True)
         small = F.interpolate(gray, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         spectrum = torch.fft.fft2(small)

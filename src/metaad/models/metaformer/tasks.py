@@ -54,12 +54,13 @@ def list_wild_images(folders: Sequence[str | Path]) -> list[str]:
 def backbone_embedder(name: str = "tf_efficientnet_lite0", weights: str | None = None) -> Embedder:
     """Global-average-pooled last-stage features of a frozen metaad backbone."""
     from metaad.backbones import create_backbone
+    from metaad.data.transforms import normalize
 
     backbone = create_backbone(name, layers=(4,), weights=weights)
 
     @torch.no_grad()
     def embed(images: torch.Tensor) -> torch.Tensor:
-        return backbone(images)[-1].mean(dim=(2, 3))
+        return backbone(normalize(images, *backbone.normalization))[-1].mean(dim=(2, 3))
 
     return embed
 

@@ -122,11 +122,11 @@ class Run:
     ) -> Iterator[ImageResult]:
         if not pending:
             return
-        self.scorer.batch_size = batch_size
         if tile is not None:
             for source, pil in pending:
                 width, height = pil.size
-                score, anomaly_map = self.scorer.predict_tiled(pil_to_tensor(pil, (height, width)), tile, overlap)
+                image = pil_to_tensor(pil, (height, width))
+                score, anomaly_map = self.scorer.predict_tiled(image, tile, overlap, batch_size)
                 yield self._result(source, pil.size, score, anomaly_map)
             return
         batch = torch.stack([pil_to_tensor(pil, self.image_size) for _, pil in pending])

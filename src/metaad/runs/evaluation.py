@@ -31,10 +31,10 @@ class Predictions:
 
 
 def predict_dataset(
-    model: nn.Module | Scorer, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict"
+    model: nn.Module, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict"
 ) -> Predictions:
     """Predict every sample of ``dataset``, timing the model alone and the whole loop (with decoding)."""
-    scorer = model if isinstance(model, Scorer) else Scorer(model, dataset.image_size, batch_size)
+    scorer = Scorer(model, dataset.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     paths, labels, defects, scores, maps, masks, has_masks = [], [], [], [], [], [], []
     seconds = 0.0

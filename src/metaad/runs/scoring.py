@@ -18,16 +18,15 @@ from metaad.types import AnomalyPrediction
 class Scorer:
     """A fitted ``model`` scoring images of side ``image_size`` (inputs already at that size, in [0, 1])."""
 
-    def __init__(self, model: nn.Module, image_size: int, batch_size: int = 16) -> None:
+    def __init__(self, model: nn.Module, image_size: int) -> None:
         self.model = model
         self.image_size = image_size
-        self.batch_size = batch_size
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
-        """Scores (B,) and maps (B, S, S) of a batch at the run's size, as CPU tensors."""
-        scores, maps = self.model.predict(images)
-        return AnomalyPrediction(scores.cpu(), maps.cpu())
+        """Scores (B,) and maps (B, S, S) of a batch at the run's size, as CPU tensors (the model's ``predict``
+        runs them on its own device and hands them back there: ``metaad.components.estimator``)."""
+        return self.model.predict(images)
 
     def predict_at_sizes(
         self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]
@@ -38,10 +37,12 @@ class Scorer:
         return [float(score) for score in prediction.scores], maps
 
     @torch.no_grad()
-    def predict_tiled(self, image: torch.Tensor, tile: int, overlap: float = 0.25) -> tuple[float, np.ndarray]:
+    def predict_tiled(
+        self, image: torch.Tensor, tile: int, overlap: float = 0.25, batch_size: int = 16
+    ) -> tuple[float, np.ndarray]:
         """Blend the maps of overlapping ``tile`` x ``tile`` crops of one (3, H, W) image (each resized to the
-        run's size) by averaging where they overlap; the image score is the highest tile score, so it stays the
-        model's own score."""
+        run's size, ``batch_size`` crops at a time) by averaging where they overlap; the image score is the
+        highest tile score, so it stays the model's own score."""
         check_tiling(tile, overlap)
         height, width = image.shape[-2:]
         tile_h, tile_w = min(tile, height), min(tile, width)
@@ -50,8 +51,8 @@ class Scorer:
         count = torch.zeros(height, width)
         best = -math.inf
         side = self.image_size
-        for start in range(0, len(boxes), self.batch_size):
-            chunk = boxes[start : start + self.batch_size]
+        for start in range(0, len(boxes), batch_size):
+            chunk = boxes[start : start + batch_size]
             crops = torch.stack([image[:, y : y + tile_h, x : x + tile_w] for y, x in chunk])
             crops = F.interpolate(crops, size=(side, side), mode="bilinear", antialias=True)
             prediction = self.predict(crops.clamp_(0, 1))

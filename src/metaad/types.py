@@ -126,7 +126,9 @@ class TrainableModel(AnomalyModel, Protocol):
         ...
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """A scalar loss for a batch of defect-free (B, 3, H, W) images in [0, 1] (the model is in train mode)."""
+        """A scalar loss for a batch of defect-free (B, 3, H, W) images in [0, 1] (the model is in train mode);
+        for a method whose ``fit`` hands the loop its frozen maps (``metaad.components.feature_cache``), the
+        batch is the list of those maps."""
         ...
 
 

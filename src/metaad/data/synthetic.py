@@ -36,6 +36,11 @@ OBJECT_CATEGORIES = ("cap", "screw", "board")
 CATEGORIES: tuple[str, ...] = TEXTURE_CATEGORIES + OBJECT_CATEGORIES
 TEXTURE_DEFECTS = ("scratch", "crack", "hole", "stain")
 SURFACE_DEFECTS = (*TEXTURE_DEFECTS, "shading")  # what draw_surface_defect can draw on any image
+# Low-contrast defects a few pixels in size, for validation that a frozen-feature nearest neighbour does not
+# find trivially: brightness changes of 3-30% of the full scale (grey on grey images; the range of real
+# magnetic-tile defects' contrast), 1-3 px cracks and scratches, pits of a few pixels. Sizes are in the canvas's
+# own pixels: draw on the image at its camera resolution.
+SUBTLE_DEFECTS = ("fine_crack", "pit", "faint_stain", "faint_shading", "fine_scratch")
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {
     "weave": TEXTURE_DEFECTS,
     "grain": TEXTURE_DEFECTS,
@@ -562,7 +567,83 @@ def _misplaced_part(rng: np.random.Generator, scene: _Scene):
     raise RuntimeError("synthetic generator: found no free place to move a part to")
 
 
-_SURFACE_DRAWERS = {"scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain, "shading": _shading}
+def _fine_crack(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
+    """A hairline crack: a branching random walk 1-3 px wide, 8-22% of the full scale darker than the surface."""
+    size = region.shape[0]
+    step = 1.5 / size  # one pixel and a half per step, whatever the image's size
+    start, heading = _pick_point(rng, region), rng.uniform(0, 2 * np.pi)
+    walks = [(start, heading, int(rng.uniform(30, 150) / 1.5), rng.uniform(0.5, 1.5), 0)]
+    alpha = np.zeros_like(region)
+    while walks:
+        position, heading, steps, halfwidth, depth = walks.pop()
+        points = [position]
+        for _ in range(max(steps, 2)):
+            heading += rng.normal(0.0, 0.25)
+            position = position + step * np.array([np.cos(heading), np.sin(heading)])
+            points.append(position)
+            if depth < 1 and rng.random() < 0.03:
+                turn = rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.0)
+                walks.append((position, heading + turn, steps // 2, max(halfwidth * 0.7, 0.5), depth + 1))
+        taper = np.linspace(1.0, 0.5, len(points) - 1)
+        alpha = np.maximum(alpha, _stroke(np.array(points), (halfwidth * taper).astype(np.float32), size))
+    alpha = alpha * region
+    return image - rng.uniform(0.08, 0.22) * alpha[..., None], alpha
+
+
+def _pit(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
+    """A small pit or blowhole: an irregular dark spot of 2-7 px radius, 10-30% of the full scale darker."""
+    size = region.shape[0]
+    x, y = _coords(size)
+    centre, radius = _pick_point(rng, region), rng.uniform(2.0, 7.0) / size
+    theta = np.arctan2(y - centre[1], x - centre[0])
+    wobble = sum(rng.normal(0, 0.1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3))
+    distance = np.hypot(x - centre[0], y - centre[1]) / (radius * (1 + wobble))
+    alpha = np.clip((1.0 - distance) / 0.4, 0.0, 1.0) * region
+    return image - rng.uniform(0.1, 0.3) * alpha[..., None], alpha
+
+
+def _faint_stain(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
+    """A faint blotch with a noisy outline, 4-12% of the full scale brighter or darker; no colour of its own."""
+    size = region.shape[0]
+    x, y = _coords(size)
+    centre, radius = _pick_point(rng, region), rng.uniform(0.03, 0.1)
+    wobble = _smooth_noise(rng, (12, 12), size)
+    blob = 1 - (np.hypot(x - centre[0], y - centre[1]) / radius) ** 2 + 0.35 * wobble
+    alpha = np.clip(blob / 0.3, 0.0, 1.0) * region
+    return image + rng.uniform(0.04, 0.12) * rng.choice([-1.0, 1.0]) * alpha[..., None], alpha
+
+
+def _faint_shading(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
+    """Uneven shading at low contrast: a large patch 3-10% of the full scale brighter or darker."""
+    size = region.shape[0]
+    x, y = _coords(size)
+    centre, radius = _pick_point(rng, region, margin=0.15), rng.uniform(0.12, 0.3)
+    wobble = _smooth_noise(rng, (6, 6), size)
+    distance = np.hypot(x - centre[0], y - centre[1]) / radius + 0.25 * wobble
+    alpha = np.clip((1.0 - distance) / 0.1, 0.0, 1.0) * region
+    return image + rng.uniform(0.03, 0.1) * rng.choice([-1.0, 1.0]) * alpha[..., None], alpha
+
+
+def _fine_scratch(rng: np.random.Generator, image: np.ndarray, region: np.ndarray):
+    """A hairline scratch: a slightly curved line 1-2 px wide, 5-16% of the full scale brighter or darker."""
+    size = region.shape[0]
+    centre, length, angle = _pick_point(rng, region), rng.uniform(0.05, 0.25), rng.uniform(0, 2 * np.pi)
+    direction = np.array([np.cos(angle), np.sin(angle)])
+    control = centre + np.array([-direction[1], direction[0]]) * rng.normal(0.0, 0.2) * length
+    t = np.linspace(0.0, 1.0, 48)[:, None]
+    start, end = centre - direction * length / 2, centre + direction * length / 2
+    points = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end
+    mid = (t[1:, 0] + t[:-1, 0]) / 2
+    halfwidth = rng.uniform(0.5, 1.0) * np.sin(np.pi * mid) ** 0.3
+    alpha = _stroke(points, np.maximum(halfwidth, 0.3).astype(np.float32), size) * region
+    return image + rng.uniform(0.05, 0.16) * rng.choice([-1.0, 1.0]) * alpha[..., None], alpha
+
+
+_SURFACE_DRAWERS = {
+    "scratch": _scratch, "crack": _crack, "hole": _hole, "stain": _stain, "shading": _shading,
+    "fine_crack": _fine_crack, "pit": _pit, "faint_stain": _faint_stain, "faint_shading": _faint_shading,
+    "fine_scratch": _fine_scratch,
+}
 
 
 # ----------------------------------------------------------------------------- public API
@@ -616,15 +697,15 @@ def generate_pair(
 
 
 def draw_surface_defect(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one surface defect ("scratch", "crack", "hole", "stain" or "shading") on any image.
+    """Draw one surface defect (one of ``SURFACE_DEFECTS`` or the low-contrast ``SUBTLE_DEFECTS``) on any image.
 
     ``image`` is (H, W, 3) float in [0, 1], e.g. a real defect-free photograph; returns the defective copy and
     its (H, W) bool mask, the pixels the defect changed. A non-square image is drawn on as the corner of a
     square canvas of its longer side (defect sizes are relative to that side) and cropped back. Used to
     validate settings without test labels.
     """
-    if defect not in SURFACE_DEFECTS:
-        raise ValueError(f"unknown surface defect {defect!r}; valid: {', '.join(SURFACE_DEFECTS)}")
+    if defect not in _SURFACE_DRAWERS:
+        raise ValueError(f"unknown surface defect {defect!r}; valid: {', '.join(_SURFACE_DRAWERS)}")
     if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 8:
         raise ValueError(f"draw_surface_defect needs an (H, W, 3) image of at least 8x8 pixels, got {image.shape}")
     draw = _SURFACE_DRAWERS[defect]

@@ -134,6 +134,7 @@ class Draem(nn.Module):
     ``"tiny"`` (32 px, widths 4 and 8, 15 epochs at lr 2e-3) is for tests.
     """
 
+    augments_inputs: ClassVar[bool] = True  # simulated anomalies: no feature cache
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"image_size": 256, "reconstructive_width": 128, "discriminative_width": 64, "epochs": 700,

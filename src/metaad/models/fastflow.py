@@ -26,10 +26,13 @@ from torch import nn
 
 from metaad.backbones import Backbone
 from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.feature_cache import FrozenFeatures, frozen_part_key
 from metaad.components.preprocess import Preprocess
 from metaad.training import train_model
 from metaad.training.data import TrainImages
-from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings, device_of
+
+MAP_FORMS = ("complement", "negative", "log_likelihood")
 
 
 def subnet(kernel_size: int, hidden_ratio: float):
@@ -90,6 +93,8 @@ class FastFlow(nn.Module):
             pixel the same (identical AUROC, PRO). metaad's default gives positive scores like every other method,
             and a score whose relative difference means something: anomalous scores under −p are tiny negative
             numbers, beside which float noise (e.g. onnxruntime's against torch's) is relatively large.
+            "log_likelihood": −log p = ½·mean_c z², which does not saturate: 1 − p is close to 1 at every
+            clearly anomalous location, so the maxima of two defective images barely differ.
         predict_batch_size: images per forward pass at prediction.
         seed: seeds the flows' initial weights and permutations, and the training order.
 
@@ -117,8 +122,8 @@ class FastFlow(nn.Module):
         super().__init__()
         if not isinstance(image_size, int) or image_size < 32:
             raise ValueError(f"image_size must be an integer of at least 32 pixels, got {image_size!r}")
-        if map_form not in ("complement", "negative"):
-            raise ValueError(f"map_form must be 'complement' or 'negative', got {map_form!r}")
+        if map_form not in MAP_FORMS:
+            raise ValueError(f"map_form must be one of {', '.join(map(repr, MAP_FORMS))}, got {map_form!r}")
         if flow_steps < 1:
             raise ValueError(f"flow_steps must be at least 1, got {flow_steps}")
         self.backbone, self.layers, self.weights = backbone, tuple(layers), weights
@@ -154,13 +159,20 @@ class FastFlow(nn.Module):
             np.random.set_state(numpy_state)
 
     # ------------------------------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def frozen_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's maps of (B, 3, H, W) images in [0, 1] (what the feature cache holds)."""
+        return [f.contiguous() for f in self.feature_extractor(self.preprocess(images))]
+
     def encode(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(z, log|det J|) per stage for images in [0, 1]: backbone -> layer norm -> flow (§3.1)."""
-        with torch.no_grad():
-            features = self.feature_extractor(self.preprocess(images))
+        return self.flow_maps(self.frozen_maps(images))
+
+    def flow_maps(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(z, log|det J|) per stage from the frozen maps: layer norm -> flow."""
         outputs = []
         for feature, norm, flow in zip(features, self.norms, self.flows, strict=True):
-            z, log_jac_det = flow(norm(feature.contiguous()))
+            z, log_jac_det = flow(norm(feature))
             outputs.append((z, log_jac_det))
         return outputs
 
@@ -170,20 +182,24 @@ class FastFlow(nn.Module):
         return TrainingSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                 weight_decay=self.weight_decay, seed=self.seed)
 
-    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood (§3.1): per stage the batch mean of ½·Σz² − log|det J|, summed over stages."""
-        loss = images.new_zeros(())
-        for z, log_jac_det in self.encode(images):
+    def training_loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Negative log-likelihood (§3.1) of a batch of frozen maps: per stage the batch mean of
+        ½·Σz² − log|det J|, summed over stages."""
+        loss = features[0].new_zeros(())
+        for z, log_jac_det in self.flow_maps(features):
             loss = loss + torch.mean(0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_jac_det)
         return loss
 
     def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
             resume: bool = False, on_epoch_end: EpochEnd | None = None) -> FastFlow:
-        """Train the layer norms and flows on defect-free images with the shared loop (``metaad.training``)."""
+        """Train the layer norms and flows on defect-free images with the shared loop (``metaad.training``), on
+        the frozen backbone's maps computed once (``metaad.components.feature_cache``)."""
         self.feature_extractor.load_weights(self.weights)
         images = TrainImages.from_data(train)
         self.preprocess.measure(images.batches())
-        train_model(self, images, progress=progress, workdir=workdir, resume=resume,
+        features = FrozenFeatures(self, self.frozen_maps, images,
+                                  frozen_part_key(self.feature_extractor, self.preprocess), device=device_of(self))
+        train_model(self, features, progress=progress, workdir=workdir, resume=resume,
                     on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self
@@ -191,12 +207,15 @@ class FastFlow(nn.Module):
     # ------------------------------------------------------------------------------------------- predict
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,) and maps (B, H, W) of one batch: the map is the mean over stages of 1 − p
-        (``map_form="complement"``) or −p (``"negative"``, the reference code), p = exp(−½·mean_c z²),
-        upsampled to the input; the score is its maximum (anomalib's image score)."""
+        (``map_form="complement"``), −p (``"negative"``, the reference code) or −log p (``"log_likelihood"``),
+        p = exp(−½·mean_c z²), upsampled to the input; the score is its maximum (anomalib's image score)."""
         stage_maps = []
         for z, _ in self.encode(images):
-            probability = torch.exp(-0.5 * torch.mean(z**2, dim=1, keepdim=True))
-            value = 1 - probability if self.map_form == "complement" else -probability
+            energy = 0.5 * torch.mean(z**2, dim=1, keepdim=True)  # −log p
+            if self.map_form == "log_likelihood":
+                value = energy
+            else:
+                value = 1 - torch.exp(-energy) if self.map_form == "complement" else -torch.exp(-energy)
             stage_maps.append(F.interpolate(value, size=images.shape[-2:], mode="bilinear", align_corners=False))
         anomaly_map = torch.stack(stage_maps).mean(0)[:, 0]
         return anomaly_map.flatten(1).amax(1), anomaly_map

@@ -333,6 +333,7 @@ class Glance(nn.Module):
     ``"cpu"`` (what fits ~20 minutes on 2 cores) and ``"tiny"`` (tests).
     """
 
+    augments_inputs: ClassVar[bool] = True  # random patches, stains: no feature cache
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PREDICT_BATCH: ClassVar[int] = 8  # images per predict pass
     PRESETS: ClassVar[dict[str, dict]] = {

@@ -21,11 +21,12 @@ from torch import nn
 
 from metaad.backbones import Backbone
 from metaad.components.estimator import marking_fitted, predict_in_batches
+from metaad.components.feature_cache import FrozenFeatures, frozen_part_key
 from metaad.components.preprocess import Preprocess
 from metaad.components.smoothing import gaussian_blur
 from metaad.training.data import TrainImages
 from metaad.training.loop import train_model
-from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings, device_of
 
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -93,22 +94,23 @@ class Decoder(nn.Module):
     """The student decoder (§3.1), the teacher reversed: one upsampling stage per teacher map, deepest first.
 
     Each stage doubles the resolution with a transposed-convolution residual block (then ``blocks − 1``
-    plain ones) at the teacher map's width. The stage's map is read out through a 1×1 convolution, because
-    the teacher's maps are signed (EfficientNet stages end without an activation) while the blocks end in a
-    ReLU; the next stage continues from the block's output.
+    plain ones) at its own width (``widths``, shallowest first; the reference's equal the teacher's). The
+    stage's map is read out through a 1×1 convolution to the teacher map's channels, because the teacher's maps
+    are signed (EfficientNet stages end without an activation) while the blocks end in a ReLU; the next stage
+    continues from the block's output.
     """
 
-    def __init__(self, in_channels: int, channels: list[int], blocks: int) -> None:
+    def __init__(self, in_channels: int, channels: list[int], widths: list[int], blocks: int) -> None:
         super().__init__()
         self.stages = nn.ModuleList()
         self.heads = nn.ModuleList()
         current = in_channels
-        for c in reversed(channels):
+        for c, w in zip(reversed(channels), reversed(widths), strict=True):
             self.stages.append(
-                nn.Sequential(ResidualBlock(current, c, up=True), *[ResidualBlock(c, c) for _ in range(blocks - 1)])
+                nn.Sequential(ResidualBlock(current, w, up=True), *[ResidualBlock(w, w) for _ in range(blocks - 1)])
             )
-            self.heads.append(nn.Conv2d(c, c, 1))
-            current = c
+            self.heads.append(nn.Conv2d(w, c, 1))
+            current = w
 
     def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
         """The rebuilt maps, shallowest first (the teacher's order)."""
@@ -130,7 +132,12 @@ class ReverseDistillation(nn.Module):
         image_size: the side images are resized to (A.2.1: 256).
         bottleneck_channels: width of the OCBE's compact map (the reference: 2048 for WideResNet-50).
         bottleneck_blocks: residual blocks of the OCBE (the reference: 3).
+        decoder_channels: the decoder stages' widths, shallowest first (None: the teacher's channels, as the
+            reference, whose WideResNet-50 teacher is 256/512/1024 wide; Lite0's 24/40/112 leave a student too
+            narrow to rebuild normal features). 1×1 heads map each stage back to the teacher's channels.
         decoder_blocks: residual blocks per decoder stage (the reference: 3, 4, 6 for ResNet-50 layers).
+        loss_stages, map_stages: which of the teacher's maps (positions in ``layers``) enter the loss and the
+            anomaly map (None: all, as the paper).
         loss: "flat" (the reference code: 1 − cosine between whole maps flattened into one vector per image,
             §3.3's L_KD computed as in its released code) or "local" (the paper's eq. 1-2: the mean over
             locations of the per-location 1 − cosine). "flat" is the default: it is what the published
@@ -152,7 +159,7 @@ class ReverseDistillation(nn.Module):
     no standardisation), ``"cpu"`` (the defaults) and ``"tiny"`` (tests).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"decoder_channels": None, "loss_stages": None, "map_stages": None}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "backbone": "wide_resnet50_2",
@@ -172,7 +179,9 @@ class ReverseDistillation(nn.Module):
         self,
         backbone: str = "tf_efficientnet_lite0", layers: tuple[int, ...] = (1, 2, 3), weights: str | None = None,
         image_size: int = 256,
-        bottleneck_channels: int = 256, bottleneck_blocks: int = 1, decoder_blocks: int = 2,
+        bottleneck_channels: int = 256, bottleneck_blocks: int = 1,
+        decoder_channels: tuple[int, ...] | None = None, decoder_blocks: int = 2,
+        loss_stages: tuple[int, ...] | None = None, map_stages: tuple[int, ...] | None = None,
         loss: str = "flat",
         epochs: int = 5, batch_size: int = 16, lr: float = 0.005, betas: tuple[float, float] = (0.5, 0.999),
         blur_sigma: float = 4.0, standardize_images: str = "auto", seed: int = 0,
@@ -187,7 +196,10 @@ class ReverseDistillation(nn.Module):
         self.backbone, self.layers, self.weights = backbone, tuple(layers), weights
         self.image_size = image_size
         self.bottleneck_channels, self.bottleneck_blocks = bottleneck_channels, bottleneck_blocks
+        self.decoder_channels = tuple(decoder_channels) if decoder_channels is not None else None
         self.decoder_blocks = decoder_blocks
+        self.loss_stages = tuple(loss_stages) if loss_stages is not None else None
+        self.map_stages = tuple(map_stages) if map_stages is not None else None
         self.loss = loss
         self.epochs, self.batch_size, self.lr, self.betas = epochs, batch_size, lr, tuple(betas)
         self.blur_sigma, self.standardize_images, self.seed = blur_sigma, standardize_images, seed
@@ -198,22 +210,31 @@ class ReverseDistillation(nn.Module):
             raise ValueError(f"the teacher's layers must each halve the resolution, got strides {reductions}")
         if image_size % (2 * reductions[-1]):
             raise ValueError(f"image_size must be a multiple of {2 * reductions[-1]}, got {image_size}")
+        widths = list(self.decoder_channels) if self.decoder_channels is not None else channels
+        if len(widths) != len(channels):
+            raise ValueError(f"decoder_channels needs one width per teacher layer ({len(channels)}), got {widths}")
+        for name, stages in (("loss_stages", self.loss_stages), ("map_stages", self.map_stages)):
+            if stages is not None and (not stages or any(not 0 <= i < len(channels) for i in stages)):
+                raise ValueError(f"{name} must list positions in layers (0 to {len(channels) - 1}), got {stages}")
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is untouched
             torch.manual_seed(seed)
             self.bottleneck = Bottleneck(channels, reductions, bottleneck_channels, bottleneck_blocks)
-            self.decoder = Decoder(bottleneck_channels, channels, decoder_blocks)
+            self.decoder = Decoder(bottleneck_channels, channels, widths, decoder_blocks)
         self.register_buffer("fitted", torch.tensor(False))
 
     def fit_summary(self) -> dict:
         return self.preprocess.fit_summary()
 
     # ------------------------------------------------------------------------------------------ features
+    @torch.no_grad()
+    def teacher_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen teacher's maps of (B, 3, H, W) images in [0, 1] (what the feature cache holds)."""
+        return [t.contiguous() for t in self.teacher(self.preprocess(images))]
+
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Teacher maps and the student's rebuilt maps for (B, 3, H, W) images in [0, 1]."""
-        with torch.no_grad():
-            teacher = [t.contiguous() for t in self.teacher(self.preprocess(images))]
-        student = self.decoder(self.bottleneck(teacher))
-        return teacher, student
+        teacher = self.teacher_maps(images)
+        return teacher, self.decoder(self.bottleneck(teacher))
 
     # ----------------------------------------------------------------------------------------- training
     def training_settings(self) -> TrainingSettings:
@@ -223,11 +244,14 @@ class ReverseDistillation(nn.Module):
             seed=self.seed,
         )
 
-    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
-        """L_KD (§3.3): the sum over scales of 1 − cosine similarity (see ``loss`` for the two forms)."""
-        teacher, student = self(images)
-        total = images.new_zeros(())
-        for t, s in zip(teacher, student, strict=True):
+    def training_loss(self, teacher: list[torch.Tensor]) -> torch.Tensor:
+        """L_KD (§3.3) from a batch of the teacher's maps: the sum over ``loss_stages`` of 1 − cosine similarity
+        (see ``loss`` for the two forms)."""
+        student = self.decoder(self.bottleneck(teacher))
+        total = teacher[0].new_zeros(())
+        for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
+            if self.loss_stages is not None and i not in self.loss_stages:
+                continue
             if self.loss == "flat":
                 total = total + (1 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1)).mean()
             else:
@@ -236,11 +260,14 @@ class ReverseDistillation(nn.Module):
 
     def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
             resume: bool = False, on_epoch_end: EpochEnd | None = None) -> ReverseDistillation:
-        """Train the bottleneck and the decoder on defect-free images (the teacher stays frozen)."""
+        """Train the bottleneck and the decoder on defect-free images (the teacher stays frozen, so its maps are
+        computed once: ``metaad.components.feature_cache``)."""
         self.teacher.load_weights(self.weights)
         train = TrainImages.from_data(train)
         self.preprocess.measure(train.batches())
-        train_model(self, train, progress=progress, workdir=workdir, resume=resume,
+        features = FrozenFeatures(self, self.teacher_maps, train, frozen_part_key(self.teacher, self.preprocess),
+                                  device=device_of(self))
+        train_model(self, features, progress=progress, workdir=workdir, resume=resume,
                     on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self.eval()
@@ -248,11 +275,13 @@ class ReverseDistillation(nn.Module):
     # ------------------------------------------------------------------------------------------ predict
     @torch.inference_mode()
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) maps at the input's size: sum over scales of the upsampled 1 − cosine, Gaussian σ."""
+        """(B, H, W) maps at the input's size: sum over ``map_stages`` of the upsampled 1 − cosine, Gaussian σ."""
         size = images.shape[-2:]
         teacher, student = self(images)
         total = images.new_zeros(images.shape[0], 1, *size)
-        for t, s in zip(teacher, student, strict=True):
+        for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
+            if self.map_stages is not None and i not in self.map_stages:
+                continue
             distance = 1 - F.cosine_similarity(t, s, dim=1).unsqueeze(1)
             total += F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
         return gaussian_blur(total, self.blur_sigma)[:, 0]

@@ -1,8 +1,10 @@
 """The one training loop of every gradient-trained method (``metaad.types.TrainableModel``).
 
-A method defines ``training_loss(images)`` and ``training_settings()``; this loop owns the rest:
+A method defines ``training_loss(batch)`` and ``training_settings()``; this loop owns the rest:
 
-- the training images, decoded once and kept in memory (as uint8 when that is lossless);
+- the training images, decoded once and kept in memory (as uint8 when that is lossless), or a frozen network's
+  maps of them (``metaad.components.feature_cache.FrozenFeatures``, for a method that trains on those: each batch
+  is then the list of its maps);
 - the optimiser (Adam, AdamW or SGD) and a step schedule (``lr_milestones`` × ``lr_gamma``);
 - a seeded order per epoch, and the global RNG re-seeded at each epoch's start, so that a method's random
   augmentations repeat too;
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from metaad.components.feature_cache import FrozenFeatures
 from metaad.io import atomic_write
 from metaad.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from metaad.training.data import TrainImages
@@ -74,7 +77,7 @@ def train_model(
     rank, world = distributed_context()
     if workdir is not None and rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-    images = TrainImages.from_data(train)
+    images = train if isinstance(train, FrozenFeatures) else TrainImages.from_data(train)
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
@@ -107,7 +110,7 @@ def train_model(
         total, count = 0.0, 0
         for batch_index in _batches(order, settings.batch_size):
             share = batch_index.tensor_split(world)[rank]
-            loss = model.training_loss(images[share].to(device)) if len(share) else None
+            loss = model.training_loss(_to_device(images[share], device)) if len(share) else None
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
                 (loss * len(share) / len(batch_index) * world).backward()
@@ -134,6 +137,10 @@ def train_model(
     if workdir is not None and rank == 0 and history:
         plot_loss_curve(history, workdir / LOSS_CURVE, title=type(model).__name__)
     return model
+
+
+def _to_device(batch: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    return [m.to(device) for m in batch] if isinstance(batch, list) else batch.to(device)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -60,6 +60,9 @@ def main() -> None:
                         help="synthetic defect kinds, used in turn ('subtle': all of SUBTLE_DEFECTS)")
     parser.add_argument("--native", action="store_true",
                         help="draw each defect at the image's own resolution, then resize as the pipeline does")
+    parser.add_argument("--score-variant", action="append", default=[], metavar="KEY=VALUE[;KEY=VALUE]",
+                        help="also score the same trained model with these attributes changed (settings that act "
+                        "on scoring only, e.g. map_stages=[2]); repeatable")
     parser.add_argument("--seed", type=int, default=0, help="seeds the split and the synthetic defects")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default=None, help="suffix of the results name")
@@ -69,6 +72,7 @@ def main() -> None:
 
     defects = tuple(d for kind in args.defects for d in (SUBTLE_DEFECTS if kind == "subtle" else (kind,)))
     params = dict(parse_param(item) for item in args.param)
+    variants = [dict(parse_param(item) for item in text.split(";")) for text in args.score_variant]
     if args.epochs is not None:
         params[args.epochs_param] = args.epochs
     model = create_model(args.model, args.preset, **params)
@@ -94,33 +98,41 @@ def main() -> None:
     curve: list[dict] = []
     start = time.perf_counter()
 
-    def validate(epoch: int, trained: TrainableModel) -> None:
+    def validate(epoch: int, fitted: TrainableModel) -> None:
         if epoch % args.every and epoch != epochs:
             return
         train_seconds = time.perf_counter() - start - sum(c["validation_seconds"] for c in curve)
-        tic = time.perf_counter()
-        try:
-            prediction = trained.predict(images)
-        except NotFittedError:  # an earlier stage (Glance), or a bank built after training (multiscale)
-            return
-        metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
         log_file = workdir / "train_log.jsonl"
         log = log_file.read_text().splitlines() if trained and log_file.is_file() else []
         loss = json.loads(log[-1])["loss"] if log else None
-        curve.append({"epoch": epoch, **metrics, "loss": loss, "train_seconds": round(train_seconds, 1),
-                      "validation_seconds": round(time.perf_counter() - tic, 1)})
-        print(json.dumps(curve[-1]), flush=True)
-        save(trained)
+        for variant in [{}, *variants]:  # settings that change only the scoring, on the same trained weights
+            tic = time.perf_counter()
+            before = {key: getattr(fitted, key) for key in variant}
+            for key, value in variant.items():
+                setattr(fitted, key, tuple(value) if isinstance(value, list) else value)
+            try:
+                prediction = fitted.predict(images)
+            except NotFittedError:  # an earlier stage (Glance), or a bank built after training (multiscale)
+                return
+            finally:
+                for key, value in before.items():
+                    setattr(fitted, key, value)
+            metrics = evaluate(labels, prediction.scores.numpy(), masks, prediction.maps.numpy())
+            curve.append({"epoch": epoch, **({"variant": variant} if variant else {}), **metrics, "loss": loss,
+                          "train_seconds": round(train_seconds, 1),
+                          "validation_seconds": round(time.perf_counter() - tic, 1)})
+            print(json.dumps(curve[-1]), flush=True)
+        save(fitted)
 
-    def save(trained: TrainableModel) -> None:
+    def save(fitted: TrainableModel) -> None:
         best = max(curve, key=lambda c: c["image_auroc"])
         record(f"epoch_validation_{args.model}" + (f"_{args.name}" if args.name else ""), {
-            "model": args.model, "preset": args.preset, "params": params, "config": get_config(trained),
+            "model": args.model, "preset": args.preset, "params": params, "config": get_config(fitted),
             "data": f"validation: MTD training split only ({1 - args.fraction:.0%} fit: {len(fit_images)} images; "
             f"{args.fraction:.0%} validation: {len(val_records)} images, each also with a synthetic defect: "
             f"{', '.join(defects)}{' drawn at native resolution' if args.native else ''}), {size} px, "
             f"seed {args.seed}",
-            "best_epoch_by_image_auroc": best["epoch"], "curve": curve,
+            "best_epoch_by_image_auroc": best["epoch"], "best_variant": best.get("variant", {}), "curve": curve,
         })
 
     if trained:

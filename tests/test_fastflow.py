@@ -116,3 +116,18 @@ def test_interrupted_and_resumed_training_ends_bit_identical(tmp_path):
     resumed = FastFlow(**settings).fit(images, workdir=tmp_path / "resumed", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_log_likelihood_score_is_minus_log_of_one_minus_the_complement_score():
+    model = FastFlow(**{**TINY, "layers": (3,)}).eval()  # one stage: no mean over stages in between
+    model.fitted.fill_(True)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    complement = model.predict(images)
+    model.map_form = "log_likelihood"
+    energy = model.predict(images)
+    assert (energy.maps >= 0).all()
+    # a bilinear map's maximum lies next to a node of the stage's grid, where the forms are −log(1 − x) of each other
+    torch.testing.assert_close(energy.scores, -torch.log1p(-complement.scores), rtol=2e-3, atol=1e-4)
+    assert not torch.allclose(energy.maps, complement.maps)
+    with pytest.raises(ValueError, match="map_form must be one of"):
+        FastFlow(**TINY, map_form="probability")

@@ -134,3 +134,25 @@ def test_fit_accepts_a_data_loader_of_samples(synthetic_root):
     data = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train")[:6], image_size=64)
     model = create_model("reverse_distillation", preset="tiny", epochs=1).fit(DataLoader(data, batch_size=3))
     assert model.predict(next(iter(DataLoader(data, batch_size=2)))["image"]).maps.shape == (2, 64, 64)
+
+
+def test_decoder_widths_and_the_stages_of_loss_and_map():
+    wide = ReverseDistillation(**TINY, decoder_channels=(16, 32, 48)).eval()
+    assert [head.out_channels for head in wide.decoder.heads] == [112, 40, 24]  # back to the teacher's channels
+    assert [head.in_channels for head in wide.decoder.heads] == [48, 32, 16]
+    images = texture(2, 0)
+    teacher = wide.teacher_maps(images)
+    student = wide.decoder(wide.bottleneck(teacher))
+    deepest = (1 - F.cosine_similarity(teacher[2].flatten(1), student[2].flatten(1))).mean()
+    wide.loss_stages = (2,)
+    assert torch.allclose(wide.training_loss(teacher), deepest)
+    wide.fitted.fill_(True)
+    every = wide.predict(images).maps
+    wide.map_stages = (0, 1, 2)
+    assert torch.equal(wide.predict(images).maps, every)
+    wide.map_stages = (2,)
+    assert not torch.allclose(wide.predict(images).maps, every)
+    with pytest.raises(ValueError, match="one width per teacher layer"):
+        ReverseDistillation(**TINY, decoder_channels=(16, 32))
+    with pytest.raises(ValueError, match="map_stages must list positions"):
+        ReverseDistillation(**TINY, map_stages=(3,))

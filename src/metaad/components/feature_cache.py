@@ -144,7 +144,7 @@ class FrozenFeatures:
             self._write(full_key, shapes)
         self.maps = [np.load(self.location / f"map{i}.npy", mmap_mode="r") for i in range(len(shapes))]
         if size <= memory_limit:  # a reused directory small enough: read into memory once
-            self.maps = [torch.from_numpy(np.ascontiguousarray(m)) for m in self.maps]
+            self.maps = [torch.from_numpy(np.array(m)) for m in self.maps]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -88,7 +88,7 @@ def test_loss_decreases_and_a_defect_scores_above_good_images(tmp_path):
 
 
 def test_the_two_loss_forms():
-    model = ReverseDistillation(**TINY, epochs=1, loss="local").eval()
+    model = ReverseDistillation(**TINY, epochs=1, loss="local", loss_stages=None).eval()
     images = texture(2, 0)
     teacher, student = model(images)
     per_location = sum((1 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in zip(teacher, student, strict=True))
@@ -137,7 +137,7 @@ def test_fit_accepts_a_data_loader_of_samples(synthetic_root):
 
 
 def test_decoder_widths_and_the_stages_of_loss_and_map():
-    wide = ReverseDistillation(**TINY, decoder_channels=(16, 32, 48)).eval()
+    wide = ReverseDistillation(**TINY, decoder_channels=(16, 32, 48), loss_stages=None, map_stages=None).eval()
     assert [head.out_channels for head in wide.decoder.heads] == [112, 40, 24]  # back to the teacher's channels
     assert [head.in_channels for head in wide.decoder.heads] == [48, 32, 16]
     images = texture(2, 0)

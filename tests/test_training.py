@@ -364,3 +364,35 @@ def test_device_of_reads_parameters_then_buffers():
     bank_only.register_buffer("bank", torch.empty(0, 3, device="meta"))
     assert device_of(bank_only) == torch.device("meta")  # a method with no parameters: its buffers say
     assert device_of(nn.Identity()) == torch.device("cpu")
+
+
+class ClippedLinear(nn.Module):
+    """One weight vector, a loss with a huge gradient, SGD at lr 1: a step moves the weights by the gradient."""
+
+    def __init__(self, clip: float | None) -> None:
+        super().__init__()
+        self.clip = clip
+        self.weight = nn.Parameter(torch.zeros(8))
+
+    def training_settings(self) -> TrainingSettings:
+        return TrainingSettings(epochs=1, batch_size=4, lr=1.0, optimizer="sgd", momentum=0.0,
+                                gradient_clip_norm=self.clip)
+
+    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+        return 1000 * (self.weight - images.mean()).pow(2).sum()
+
+
+@pytest.mark.parametrize("clip", [None, 0.1])
+def test_gradient_clipping_bounds_each_step(clip):
+    model = ClippedLinear(clip)
+    train_model(model, torch.full((4, 3, 8, 8), 0.5))  # one batch: one step
+    moved = float(model.weight.detach().norm())
+    if clip is None:
+        assert moved > 100
+    else:
+        assert moved == pytest.approx(clip, rel=1e-4)
+
+
+def test_a_non_positive_clipping_norm_is_an_error():
+    with pytest.raises(ValueError, match="gradient_clip_norm"):
+        train_model(ClippedLinear(0.0), torch.full((4, 3, 8, 8), 0.5))

@@ -95,7 +95,8 @@ class TrainingSettings:
     """How the shared loop optimises a method (its paper's settings, from the method's constructor).
 
     ``lr_milestones`` are fractions of ``epochs`` after which the learning rate is multiplied by
-    ``lr_gamma`` (DRAEM: (0.8, 0.9), ×0.2).
+    ``lr_gamma`` (DRAEM: (0.8, 0.9), ×0.2). ``gradient_clip_norm`` clips the global gradient norm before
+    every step (UniAD: 0.1); None: no clipping.
     """
 
     epochs: int
@@ -107,6 +108,7 @@ class TrainingSettings:
     momentum: float = 0.9  # sgd only
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.1
+    gradient_clip_norm: float | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -52,7 +52,8 @@ BACKBONES: dict[str, OfflineWeights | None] = {
     ),
     "resnet18": None,  # Metaformer §3.1.1 embeds wild images with ResNet-18
     "wide_resnet50_2": None,  # PatchCore paper / MIAD A.2.2 backbone
-    "efficientnet_b4": None,  # UniAD (MIAD A.2.6)
+    "efficientnet_b4": None,
+    "tf_efficientnet_b4": None,  # UniAD (MIAD A.2.6): the authors' weights are a port of TensorFlow's
 }
 
 

@@ -35,6 +35,7 @@ REGISTRY: dict[str, Registered] = {
         "metaad.models.multiscale_patch:MultiScalePatch", "Tsai, Wu & Lai, WACV 2022 (supplementary)", True
     ),
     "glance": Registered("metaad.models.glance:Glance", "Wang et al., CVPR 2021 (supplementary)", True),
+    "uniad": Registered("metaad.models.uniad:UniAD", "You et al., NeurIPS 2022 (MIAD A.2.6)", True),
 }
 MODELS = tuple(REGISTRY)  # the registered names, for the CLI's choices
 

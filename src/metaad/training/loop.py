@@ -5,7 +5,8 @@ A method defines ``training_loss(batch)`` and ``training_settings()``; this loop
 - the training images, decoded once and kept in memory (as uint8 when that is lossless), or a frozen network's
   maps of them (``metaad.components.feature_cache.FrozenFeatures``, for a method that trains on those: each batch
   is then the list of its maps);
-- the optimiser (Adam, AdamW or SGD) and a step schedule (``lr_milestones`` × ``lr_gamma``);
+- the optimiser (Adam, AdamW or SGD), a step schedule (``lr_milestones`` × ``lr_gamma``) and gradient clipping
+  (``gradient_clip_norm``, of the averaged gradient);
 - a seeded order per epoch, and the global RNG re-seeded at each epoch's start, so that a method's random
   augmentations repeat too;
 - a progress bar with loss and ETA; ``train_log.jsonl`` (one JSON line per epoch) and ``loss_curve.png``;
@@ -71,6 +72,8 @@ def train_model(
     settings = model.training_settings()
     if settings.epochs < 0 or settings.batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {settings.epochs} and {settings.batch_size}")
+    if settings.gradient_clip_norm is not None and not settings.gradient_clip_norm > 0:
+        raise ValueError(f"gradient_clip_norm must be positive or None, got {settings.gradient_clip_norm}")
     workdir = Path(workdir) if workdir is not None else None
     if resume and workdir is None:
         raise ValueError("resume=True needs the workdir of the interrupted training")
@@ -115,6 +118,8 @@ def train_model(
             if loss is not None:
                 (loss * len(share) / len(batch_index) * world).backward()
             _average_gradients(parameters, world)
+            if settings.gradient_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, settings.gradient_clip_norm)
             optimizer.step()
             if loss is not None:
                 total += float(loss.detach()) * len(share)

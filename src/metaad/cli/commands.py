@@ -88,6 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tile-overlap", type=float, default=0.25, metavar="F", help="share of a tile its neighbours overlap"
     )
     predict.add_argument("--threads", type=int, default=None)
+    predict.add_argument(
+        "--category", default=None,
+        help="a run of several categories: whose threshold decides (default: the global one, with a note)",
+    )
     predict.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
     _add_output_args(predict)
     predict.set_defaults(handler=run_predict)
@@ -156,7 +160,11 @@ def _add_data_args(
     parser.add_argument(
         "--format", default=None, choices=["auto", "mvtec", "mtd", "folder"], help="data layout (default: auto)"
     )
-    parser.add_argument("--category", default=None, help="category folder of an MVTec-layout root")
+    parser.add_argument(
+        "--category", default=None,
+        help="category folder of an MVTec-layout root; several, comma-separated, or 'all' train one model on "
+        "all of them (the unified protocol: thresholds and metrics per category)",
+    )
     parser.add_argument("--abnormal-dir", default=None, help="folder format: defective images")
     parser.add_argument("--mask-dir", default=None, help="folder format: masks of the defective images")
     parser.add_argument("--seed", type=int, default=None, help="seed of data splits (MTD's 20%% test split; default 0)")
@@ -307,7 +315,7 @@ def run_predict(args: argparse.Namespace) -> int:
         )
     summary = predict_images(
         args.run, files, out, args.threshold, args.image_size, args.batch_size, args.tile, args.tile_overlap,
-        progress=not (quiet or args.no_progress), device=args.device,
+        progress=not (quiet or args.no_progress), device=args.device, category=args.category,
     )
     for path, error in summary.errors:
         print(f"metaad predict: could not score {error if str(path) in error else f'{path}: {error}'}", file=sys.stderr)
@@ -328,6 +336,8 @@ def _print_predict_summary(summary) -> None:
             f"at threshold {summary.threshold:.4g}"
         )
     print(f"scored {summary.n_scored} of {summary.n_images} images: {decided}")
+    if summary.note:
+        print(f"note: {summary.note}")
     if summary.errors:
         print(f"{len(summary.errors)} image(s) could not be read: see the 'error' column of the CSV")
     print(f"predictions: {summary.csv}")

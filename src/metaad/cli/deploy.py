@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
     serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument(
+        "--category", default=None,
+        help="a run of several categories: whose threshold decides by default (a request's 'category' form "
+        "field picks another; without either, the global threshold, with a note)",
+    )
     serve.set_defaults(handler=run_serve)
 
 
@@ -47,5 +52,5 @@ def run_serve(args: argparse.Namespace) -> int:
         from metaad.deploy.serve import serve
     except ImportError as error:
         raise ValueError(f"metaad serve needs the 'serve' extra: pip install 'metaad[serve]' ({error})") from error
-    serve(args.run, args.host, args.port, args.device)
+    serve(args.run, args.host, args.port, args.device, args.category)
     return 0

@@ -32,12 +32,14 @@ class DataWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a data set: its file, label (0 good, 1 defective), defect type and mask file."""
+    """One image of a data set: its file, label (0 good, 1 defective), defect type, mask file, and the category
+    (product) it belongs to ("" where the data set has none)."""
 
     path: Path
     label: int
     defect: str = GOOD
     mask_path: Path | None = None
+    category: str = ""
 
 
 def seeded_split(items: Sequence, n_held_out: int, seed: int) -> tuple[list, list]:
@@ -122,7 +124,7 @@ def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageReco
         known = ", ".join(mvtec_categories(root)) if Path(root).is_dir() else "none (root missing)"
         raise DataError(f"{base}: category folder not found; categories under {root}: {known}")
     if split == "train":
-        return [ImageRecord(p, 0) for p in _require_images(base / "train" / GOOD)]
+        return [ImageRecord(p, 0, category=category) for p in _require_images(base / "train" / GOOD)]
     test_dir = base / "test"
     if not test_dir.is_dir():
         raise DataError(f"{test_dir}: test folder not found (expected test/good and test/<defect> folders)")
@@ -131,10 +133,10 @@ def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageReco
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         images = list_images(defect_dir)
         if defect_dir.name == GOOD:
-            records += [ImageRecord(p, 0) for p in images]
+            records += [ImageRecord(p, 0, category=category) for p in images]
             continue
         if labels_only:
-            records += [ImageRecord(p, 1, defect_dir.name) for p in images]
+            records += [ImageRecord(p, 1, defect_dir.name, category=category) for p in images]
             continue
         mask_dir = base / "ground_truth" / defect_dir.name
         for image in images:
@@ -144,7 +146,7 @@ def mvtec_records(root: str | Path, category: str, split: str) -> list[ImageReco
                     f"{image}: defective test image has no mask; expected {mask_dir / (image.stem + '_mask.png')} "
                     "(any image extension; without a ground_truth folder at all, only image metrics are computed)"
                 )
-            records.append(ImageRecord(image, 1, defect_dir.name, mask))
+            records.append(ImageRecord(image, 1, defect_dir.name, mask, category))
     if not records:
         raise DataError(f"{test_dir}: no test images found")
     return records
@@ -283,6 +285,7 @@ class AnomalyDataset(Dataset):
             "label": record.label,
             "defect": record.defect,
             "path": str(record.path),
+            "category": record.category,
         }
 
     @property

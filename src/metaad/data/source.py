@@ -24,7 +24,12 @@ from metaad.data.transforms import IMAGE_EXTENSIONS
 
 @dataclass
 class DataSpec:
-    """Where the data is: ``format`` is "mvtec" (root + category), "mtd" (root) or "folder"."""
+    """Where the data is: ``format`` is "mvtec" (root + category), "mtd" (root) or "folder".
+
+    ``category`` names one category folder of an MVTec-layout root, or several, comma-separated, or "all"
+    (every category folder under the root): the unified protocol, one model trained on the union of their
+    defect-free images (UniAD's setting), each category keeping its own held-out images and thresholds.
+    """
 
     root: str
     format: str = "auto"
@@ -43,16 +48,38 @@ class DataSpec:
             return "mvtec"
         return "folder"
 
+    def categories(self) -> list[str]:
+        """The categories ``category`` names (one for the separate protocol; several for the unified one)."""
+        if self.category is None:
+            raise DataError(
+                f"{self.root}: MVTec-layout data needs --category (one, a,b,c, or all); found: "
+                f"{', '.join(mvtec_categories(self.root))}"
+            )
+        if self.category.strip() == "all":
+            found = mvtec_categories(self.root)
+            if not found:
+                raise DataError(f"{self.root}: --category all, but no category folder (NAME/train/good) is there")
+            return found
+        names = [name.strip() for name in self.category.split(",")]
+        if not all(names):
+            raise DataError(f"--category {self.category!r}: an empty name (expected NAME or A,B,C or all)")
+        if len(set(names)) != len(names):
+            raise DataError(f"--category {self.category!r}: a category is named twice")
+        return names
+
+    @property
+    def unified(self) -> bool:
+        """Whether several categories are trained as one (the unified protocol)."""
+        return self.resolved_format() == "mvtec" and self.category is not None and (
+            self.category.strip() == "all" or "," in self.category
+        )
+
     def records(self, split: str) -> list[ImageRecord]:
         fmt = self.resolved_format()
         if fmt == "mtd":
             return mtd_records(self.root, split, seed=self.seed)
         if fmt == "mvtec":
-            if self.category is None:
-                raise DataError(
-                    f"{self.root}: MVTec-layout data needs --category; found: {', '.join(mvtec_categories(self.root))}"
-                )
-            return mvtec_records(self.root, self.category, split)
+            return [record for name in self.categories() for record in mvtec_records(self.root, name, split)]
         if fmt == "folder":
             return folder_records(self.root, split, self.abnormal_dir, self.mask_dir, seed=self.seed)
         raise ValueError(f"unknown data format {fmt!r}: expected auto, mvtec, mtd or folder")
@@ -71,14 +98,27 @@ def run_split(
     data: DataSpec, calibration_fraction: float, shots: int | None = None, shots_seed: int | None = None
 ) -> RunSplit:
     """The training split minus a seeded ``calibration_fraction`` held out for the thresholds, then the
-    k-shot draw (``shots`` images, seeded by ``shots_seed``, default the split's seed). A test split without
-    defective images (a folder of good images only) has nothing to evaluate: its images join the held-out ones."""
-    fit, calibration = split_calibration(data.records("train"), calibration_fraction, data.seed)
-    fit = select_shots(fit, shots, data.seed if shots_seed is None else shots_seed)
+    k-shot draw (``shots`` images, seeded by ``shots_seed``, default the split's seed). Under the unified
+    protocol both happen per category (each category holds out its share and draws its k images). A test
+    split without defective images (a folder of good images only) has nothing to evaluate: its images join
+    the held-out ones."""
+    fit, calibration = [], []
+    for group in _by_category(data.records("train")):
+        kept, held = split_calibration(group, calibration_fraction, data.seed)
+        fit += select_shots(kept, shots, data.seed if shots_seed is None else shots_seed)
+        calibration += held
     test = data.records("test")
     if calibration and not any(record.label for record in test):
         calibration = calibration + test
     return RunSplit(fit, calibration, test)
+
+
+def _by_category(records: list[ImageRecord]) -> list[list[ImageRecord]]:
+    """The records grouped by category, in order of first appearance (one group without categories)."""
+    groups: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        groups.setdefault(record.category, []).append(record)
+    return list(groups.values())
 
 
 def split_calibration(records: list[ImageRecord], fraction: float, seed: int) -> tuple[list, list]:

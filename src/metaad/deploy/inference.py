@@ -9,6 +9,7 @@ Scoring itself is :class:`metaad.runs.scoring.Scorer`, the path evaluation takes
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,19 +45,54 @@ class ImageResult:
 
 
 class Run:
-    """A fitted run folder: its model, thresholds and image size. Build it with :func:`load_run`."""
+    """A fitted run folder: its model, thresholds and image size. Build it with :func:`load_run`.
+
+    A run that trained several categories as one (``metaad fit --category a,b,c``) holds a threshold per
+    category: ``category`` picks one; without it, or for a category the run has none for, the run's global
+    threshold decides and ``note`` says so."""
 
     def __init__(
-        self, folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu"
+        self, folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu",
+        category: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.model = on_device(load_model(self.folder), device)
         self.config = read_config(self.folder)
-        self.thresholds = read_thresholds(self.folder)
-        self.threshold: float | None = threshold if threshold is not None else self.thresholds.get("threshold")
-        self.pixel_threshold: float | None = self.thresholds.get("pixel_threshold")
+        self.run_thresholds = read_thresholds(self.folder)
+        self.threshold_override = threshold
         self.image_size = run_image_size(self.folder, image_size)
         self.scorer = Scorer(self.model, self.image_size)
+        self._select(category)
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories with thresholds of their own (empty for a run of one category)."""
+        return list(self.run_thresholds.get("categories", {}))
+
+    def with_category(self, category: str | None) -> Run:
+        """This run deciding with ``category``'s thresholds (the model is shared, not copied)."""
+        view = copy.copy(self)
+        view._select(category)
+        return view
+
+    def _select(self, category: str | None) -> None:
+        own = self.run_thresholds.get("categories", {})
+        self.category, self.note = category, None
+        if category is not None and category in own:
+            self.thresholds = own[category]
+        else:
+            self.thresholds = self.run_thresholds
+            if own and category is None:
+                self.note = (f"this run trained {len(own)} categories as one ({', '.join(own)}); no category was "
+                             "named, so the global threshold decides (name one with --category)")
+            elif own:
+                self.note = (f"category {category!r} has no threshold of its own in this run (it has: "
+                             f"{', '.join(own)}); the global threshold decides")
+            elif category is not None:
+                self.note = f"this run was fitted on one category; its threshold decides ({category!r} ignored)"
+        override = self.threshold_override
+        self.threshold: float | None = override if override is not None else self.thresholds.get("threshold")
+        self.pixel_threshold: float | None = self.thresholds.get("pixel_threshold")
 
     def __repr__(self) -> str:
         return (
@@ -148,11 +184,12 @@ class Run:
 
 
 def load_run(
-    folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu"
+    folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu",
+    category: str | None = None,
 ) -> Run:
     """Load a run folder written by ``metaad fit`` (``threshold`` overrides its calibrated one; ``device``:
-    cpu, cuda or auto, where the model runs)."""
-    return Run(folder, threshold, image_size, device)
+    cpu, cuda or auto, where the model runs; ``category``: whose thresholds decide, in a unified run)."""
+    return Run(folder, threshold, image_size, device, category)
 
 
 def to_pil(item: Any, source: str = "image") -> Image.Image:

@@ -30,6 +30,7 @@ class PredictSummary:
     n_anomalous: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     threshold: float | None = None
+    note: str | None = None  # e.g. which threshold decided in a run of several categories
     csv: Path | None = None
     folders: dict[str, Path] = field(default_factory=dict)
 
@@ -45,6 +46,7 @@ def predict_images(
     tile_overlap: float = 0.25,
     progress: bool = True,
     device: str = "cpu",
+    category: str | None = None,
 ) -> PredictSummary:
     """Write ``predictions.csv`` (one row per image: score, normalised score with the threshold at 0.5,
     decision, or the error that kept it from being scored), ``heatmaps/NAME.png`` (16-bit, one colour scale
@@ -52,8 +54,10 @@ def predict_images(
     the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size."""
     out = Path(out)
     if not isinstance(run, Run):
-        run = Run(run, threshold, image_size, device)
-    summary = PredictSummary(threshold=run.threshold, csv=out / "predictions.csv")
+        run = Run(run, threshold, image_size, device, category)
+    elif category is not None:
+        run = run.with_category(category)
+    summary = PredictSummary(threshold=run.threshold, note=run.note, csv=out / "predictions.csv")
     rows: list[dict] = []
     names: set[str] = set()
     scale = None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
@@ -38,6 +38,8 @@ class Prediction(BaseModel):
     anomalous: bool | None
     threshold: float | None
     normalized_score: float | None  # 0-1, the threshold at 0.5
+    category: str | None = None  # whose threshold decided (a run of several categories)
+    note: str | None = None  # e.g. that the global threshold decided because no category was named
     width: int
     height: int
     milliseconds: float
@@ -50,22 +52,26 @@ class ModelInfo(BaseModel):
     method: str
     image_size: int
     threshold: float | None
+    categories: list[str] = []  # categories with thresholds of their own (a run of several categories)
     metaad_version: str
     device: str
     params: dict[str, Any]
     metrics: dict[str, Any]
 
 
-def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The service for run folder ``run`` (model loaded now, once)."""
+def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               category: str | None = None) -> FastAPI:
+    """The service for run folder ``run`` (model loaded now, once). ``category``: whose thresholds decide
+    by default in a run of several categories (a request's ``category`` form field picks another)."""
     run = Path(run)
-    loaded = Run(run, device=device)
+    loaded = Run(run, device=device, category=category)
     target = select_device(device)
     metrics = read_metrics(run)
     info = ModelInfo(
         method=loaded.config.get("model", type(loaded.model).__name__),
         image_size=loaded.image_size,
         threshold=loaded.threshold,
+        categories=loaded.categories,
         metaad_version=runtime.__version__,
         device=str(target),
         params=loaded.config.get("params", {}),
@@ -98,26 +104,31 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
         image: Annotated[UploadFile, File(description="an image file: PNG, JPEG, BMP, TIFF, ...")],
         heatmap: Annotated[bool, Query(description="include the heat map (base64 PNG)")] = False,
         overlay: Annotated[bool, Query(description="include the heat map over the image (base64 PNG)")] = False,
+        category: Annotated[str | None, Form(description="whose threshold decides (a run of several categories)")]
+        = None,
     ) -> Prediction:
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
         pil = decode_image(data, image.filename or "upload")
         tic = time.perf_counter()
+        deciding = loaded if category is None else loaded.with_category(category)
         with lock:
-            result = loaded.predict(pil)[0]
+            result = deciding.predict(pil)[0]
         answer = Prediction(
             score=result.score,
             decision=None if result.anomalous is None else ("anomalous" if result.anomalous else "good"),
             anomalous=result.anomalous,
-            threshold=loaded.threshold,
+            threshold=deciding.threshold,
             normalized_score=result.normalized_score,
+            category=deciding.category if deciding.thresholds is not deciding.run_thresholds else None,
+            note=deciding.note,
             width=result.size[0],
             height=result.size[1],
             milliseconds=1000 * (time.perf_counter() - tic),
         )
         if heatmap or overlay:
-            low, high = heatmap_range(result.map, loaded.threshold)
+            low, high = heatmap_range(result.map, deciding.threshold)
             colours = colour_map(result.map, low, high)
             answer.heatmap_range = [low, high]
             if heatmap:
@@ -173,8 +184,9 @@ def png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> None:
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+          category: str | None = None) -> None:
     """Run the service until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(run, device), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(run, device, category=category), host=host, port=port, log_level="info")

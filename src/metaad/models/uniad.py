@@ -176,7 +176,8 @@ class UniAD(nn.Module):
         super().__init__()
         self.backbone, self.layers, self.weights = backbone, tuple(layers), weights
         self.image_size = image_size
-        self.hidden, self.heads, self.encoder_layers, self.decoder_layers = hidden, heads, encoder_layers, decoder_layers
+        self.hidden, self.heads = hidden, heads
+        self.encoder_layers, self.decoder_layers = encoder_layers, decoder_layers
         self.feedforward, self.dropout, self.neighbourhood = feedforward, dropout, neighbourhood
         self.jitter_scale, self.jitter_probability, self.pool = jitter_scale, jitter_probability, pool
         self.standardize_images = standardize_images
@@ -187,7 +188,9 @@ class UniAD(nn.Module):
         self.preprocess = Preprocess(image_size, standardize_images, self.feature_extractor.normalization)
         stride = max(self.feature_extractor.reductions)
         if not isinstance(image_size, int) or image_size < stride or image_size % stride:
-            raise ValueError(f"image_size must be a multiple of the deepest tap's stride ({stride}), got {image_size!r}")
+            raise ValueError(
+                f"image_size must be a multiple of the deepest tap's stride ({stride}), got {image_size!r}"
+            )
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
         if encoder_layers < 1 or decoder_layers < 1:

@@ -34,3 +34,24 @@ def threshold_record(calibration, false_alarm_rate: float) -> dict[str, Any]:
         "pixel_method": "the same quantile of held-out defect-free training images' map maxima",
         "map_low": float(np.percentile(calibration.maps, 1)),
     }
+
+
+def unified_threshold_record(calibration, false_alarm_rate: float) -> dict[str, Any]:
+    """``threshold.json`` of a run that trained several categories as one: the global thresholds (all held-out
+    images; the fallback where no category is named) and, under ``"categories"``, each category's own, set on
+    its own held-out images. A category with fewer held-out images than one false alarm per ``1 /
+    false_alarm_rate`` needs gets its quantile all the same, and ``"few_calibration_images"`` says so."""
+    record = threshold_record(calibration, false_alarm_rate)
+    groups = calibration.by_category()
+    if len(groups) < 2:
+        return record
+    record["categories"] = {name: threshold_record(group, false_alarm_rate) for name, group in groups.items()}
+    needed = int(np.ceil(1 / false_alarm_rate)) if false_alarm_rate > 0 else 0
+    few = sorted(name for name, group in groups.items() if len(group.scores) < needed)
+    if few:
+        record["few_calibration_images"] = (
+            f"{', '.join(few)}: fewer than {needed} held-out images, so the {1 - false_alarm_rate:.0%} quantile "
+            "is their maximum or near it"
+        )
+    record["method"] += "; per category under 'categories', the global one where no category is named"
+    return record

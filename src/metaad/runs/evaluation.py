@@ -28,6 +28,25 @@ class Predictions:
     ms_per_image: float  # the model alone
     ms_per_image_end_to_end: float  # with image decoding and preprocessing
     has_masks: np.ndarray | None = None  # (N,) bool: False for a defective image whose mask is unknown
+    categories: list[str] | None = None  # (N,) each image's category ("" where the data set has none)
+
+    def subset(self, keep: np.ndarray) -> Predictions:
+        """The predictions of the images where ``keep`` (a boolean (N,) array) is true; timings kept."""
+        indices = np.flatnonzero(keep)
+        return Predictions(
+            [self.paths[i] for i in indices], self.labels[indices], [self.defects[i] for i in indices],
+            self.scores[indices], self.maps[indices], self.masks[indices], self.ms_per_image,
+            self.ms_per_image_end_to_end, None if self.has_masks is None else self.has_masks[indices],
+            None if self.categories is None else [self.categories[i] for i in indices],
+        )
+
+    def by_category(self) -> dict[str, Predictions]:
+        """The predictions of each category, in order of first appearance (empty without categories)."""
+        names = list(dict.fromkeys(self.categories or []))
+        if names in ([], [""]):
+            return {}
+        categories = np.asarray(self.categories)
+        return {name: self.subset(categories == name) for name in names}
 
 
 def predict_dataset(
@@ -36,7 +55,7 @@ def predict_dataset(
     """Predict every sample of ``dataset``, timing the model alone and the whole loop (with decoding)."""
     scorer = Scorer(model, dataset.image_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    paths, labels, defects, scores, maps, masks, has_masks = [], [], [], [], [], [], []
+    paths, labels, defects, scores, maps, masks, has_masks, categories = [], [], [], [], [], [], [], []
     seconds = 0.0
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
@@ -50,6 +69,7 @@ def predict_dataset(
         maps.append(prediction.maps.float().numpy())
         masks.append((batch["mask"][:, 0] > 0.5).numpy().astype(np.uint8))
         has_masks.append(np.asarray(batch.get("has_mask", [True] * len(batch["path"])), bool))
+        categories += list(batch.get("category", [""] * len(batch["path"])))
     n = len(paths)
     total = time.perf_counter() - start
     return Predictions(
@@ -62,6 +82,7 @@ def predict_dataset(
         1000.0 * seconds / max(n, 1),
         1000.0 * total / max(n, 1),
         np.concatenate(has_masks),
+        categories,
     )
 
 
@@ -105,9 +126,51 @@ def pixel_metrics_skipped(predictions: Predictions) -> str | None:
     return None
 
 
-def add_threshold_outcome(metrics: dict, predictions: Predictions, threshold: float | None) -> dict:
-    """``metrics`` with the accuracy of the decisions at ``threshold``, and on a split of defect-free images
-    only, how many of them the threshold flags."""
+CATEGORY_METRICS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def add_category_metrics(metrics: dict, predictions: Predictions, thresholds: dict) -> dict:
+    """Under the unified protocol (images of several categories): ``metrics["per_category"]``, each category's
+    metrics with the accuracy at its own threshold (``thresholds["categories"]``, else the global one), and
+    ``metrics["category_mean"]``, the mean over categories of image AUROC, pixel AUROC and PRO (how the unified
+    protocol is reported; the top-level metrics pool every image, across categories' score scales)."""
+    groups = predictions.by_category()
+    if len(groups) < 2:
+        return metrics
+    per_category = {}
+    for name, group in groups.items():
+        result = compute_metrics(group)
+        add_threshold_outcome(result, group, category_thresholds(thresholds, name).get("threshold"))
+        per_category[name] = result
+    metrics["per_category"] = per_category
+    means = {}
+    for key in CATEGORY_METRICS:
+        values = [r[key] for r in per_category.values() if isinstance(r.get(key), float)]
+        if len(values) == len(per_category):
+            means[key] = float(np.mean(values))
+    if means:
+        metrics["category_mean"] = means
+    return metrics
+
+
+def category_thresholds(thresholds: dict, category: str | None) -> dict:
+    """The thresholds a category's images are decided with: its own where the run has them, else the run's
+    global ones (a run of one category has only those)."""
+    own = thresholds.get("categories", {}).get(category or "")
+    return own if own is not None else thresholds
+
+
+def image_thresholds(predictions: Predictions, thresholds: dict) -> np.ndarray | float | None:
+    """Each image's decision threshold: its category's, or the global one for all (None: no threshold)."""
+    if not thresholds.get("categories") or predictions.categories is None:
+        return thresholds.get("threshold")
+    values = [category_thresholds(thresholds, c).get("threshold") for c in predictions.categories]
+    return None if any(v is None for v in values) else np.asarray(values, dtype=float)
+
+
+def add_threshold_outcome(metrics: dict, predictions: Predictions, threshold: float | np.ndarray | None) -> dict:
+    """``metrics`` with the accuracy of the decisions at ``threshold`` (one for all images, or one per image),
+    and on a split of defect-free images only, how many of them the threshold flags."""
     if threshold is None:
         return metrics
     decided = predictions.scores > threshold

@@ -25,8 +25,14 @@ from metaad.io import write_json
 from metaad.models import create_model, get_config, registered_name
 from metaad.models.persistence import load_model, save_model
 from metaad.runs import layout
-from metaad.runs.calibration import threshold_record
-from metaad.runs.evaluation import add_threshold_outcome, compute_metrics, predict_dataset
+from metaad.runs.calibration import unified_threshold_record
+from metaad.runs.evaluation import (
+    add_category_metrics,
+    add_threshold_outcome,
+    compute_metrics,
+    image_thresholds,
+    predict_dataset,
+)
 from metaad.runs.report import write_report
 
 
@@ -78,6 +84,7 @@ def fit_and_evaluate(
             "preset": preset,
             "params": get_config(model),
             "data": vars(data),
+            "categories": data.categories() if data.unified else None,
             "image_size": image_size,
             "shots": shots,
             "shots_seed": data.seed if shots_seed is None else shots_seed,
@@ -107,12 +114,13 @@ def fit_and_evaluate(
     if split.calibration:
         calibration_set = AnomalyDataset(split.calibration, image_size, on_error)
         calibration = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
-        thresholds = threshold_record(calibration, false_alarm_rate)
+        thresholds = unified_threshold_record(calibration, false_alarm_rate)
         write_json(out / layout.THRESHOLD_FILE, thresholds)
     predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
     metrics = compute_metrics(predictions)
     if "evaluation_skipped" not in metrics:  # else its images set the threshold
-        add_threshold_outcome(metrics, predictions, thresholds.get("threshold"))
+        add_threshold_outcome(metrics, predictions, image_thresholds(predictions, thresholds))
+    add_category_metrics(metrics, predictions, thresholds)
     metrics.update(
         fit_seconds=fit_seconds,
         ms_per_image=predictions.ms_per_image,
@@ -146,7 +154,8 @@ def test_run(
     metrics = compute_metrics(predictions)
     metrics["ms_per_image"] = predictions.ms_per_image
     thresholds = layout.read_thresholds(run)
-    add_threshold_outcome(metrics, predictions, thresholds.get("threshold"))
+    add_threshold_outcome(metrics, predictions, image_thresholds(predictions, thresholds))
+    add_category_metrics(metrics, predictions, thresholds)
     threshold, pixel_threshold = thresholds.get("threshold"), thresholds.get("pixel_threshold")
     write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
     return metrics

@@ -37,8 +37,8 @@ DEFAULT_RUNS = {
         # NOTES: "mtd_patchcore_ivf (default)"; mtd_patchcore_ivf_contract re-measured the same settings after
         # the model-contract refactor at load 9-12 (quality only), see the line under the table
         "patchcore": "mtd_patchcore_ivf",
-        "reverse_distillation": "mtd_reverse_distillation_validated",  # 5 epochs + standardisation since then
-        "fastflow": "mtd_fastflow_complement",  # map_form="complement", the default since 2026-11-30
+        "reverse_distillation": "mtd_reverse_distillation_lite0",  # decoder 64/128/256, stride-16 loss+map, 12 ep
+        "fastflow": "mtd_fastflow_lite0",  # hidden ratio 4, 3x3-only subnets (issue 25's validation)
         "draem": "mtd_draem",  # mtd_draem_dtd uses DTD textures (an option)
         "unet_autoencoder": "mtd_unet_autoencoder",  # the l2 map; mtd_unet_autoencoder_ssim is the option
         "multiscale_patch": "mtd_multiscale_patch",  # standardize_images="auto"; the paper preset is an option
@@ -47,8 +47,8 @@ DEFAULT_RUNS = {
     },
     "synthetic": {
         "patchcore": "patchcore_synthetic_patch_size: patch_size=3",  # defaults ("auto": not standardising)
-        "reverse_distillation": "reverse_distillation_synthetic",
-        "fastflow": "fastflow_synthetic",
+        "reverse_distillation": "reverse_distillation_synthetic_lite0",
+        "fastflow": "fastflow_synthetic_lite0",
         "draem": "draem_synthetic",  # its only run: 60 epochs
         "unet_autoencoder": "unet_autoencoder_synthetic",  # its only run: 60 epochs
         "multiscale_patch": "multiscale_patch_synthetic",

@@ -81,6 +81,8 @@ def test_a_unified_fit_writes_thresholds_and_metrics_per_category(unified_run):
     for key in ("image_auroc", "pixel_auroc", "pro"):
         assert metrics["category_mean"][key] == pytest.approx(np.mean([per_category[c][key] for c in CATEGORIES]))
     assert all("accuracy_at_threshold" in r for r in per_category.values())
+    page = (unified_run / "report.html").read_text()
+    assert "Per category" in page and all(f"<td>{name}</td>" in page for name in CATEGORIES)
 
 
 def test_predict_decides_with_the_named_categorys_threshold(unified_run, two_categories, tmp_path):
@@ -123,3 +125,16 @@ def test_serve_takes_the_category_as_a_form_field(unified_run, two_categories):
     assert unknown.json()["threshold"] == pytest.approx(thresholds["threshold"])
     assert "'cap' has no threshold of its own" in unknown.json()["note"]
     assert client.get("/model").json()["categories"] == sorted(CATEGORIES)
+
+
+def test_an_exported_unified_run_carries_each_categorys_threshold(unified_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from metaad.deploy.export import export_run
+
+    metadata = export_run(unified_run, tmp_path / "model.onnx")
+    thresholds = json.loads((unified_run / "threshold.json").read_text())
+    exported = json.loads(metadata["category_thresholds"])
+    assert {name: r["threshold"] for name, r in exported.items()} == {
+        name: r["threshold"] for name, r in thresholds["categories"].items()
+    }

@@ -27,7 +27,7 @@ from metaad.device import select_device
 from metaad.io import atomic_write
 from metaad.models import get_config, registered_name
 from metaad.models.persistence import load_model
-from metaad.runs.layout import read_metrics, read_threshold, run_image_size
+from metaad.runs.layout import read_metrics, read_threshold, read_thresholds, run_image_size
 
 OPSET = 18
 INPUT, OUTPUTS = "images", ("scores", "maps")
@@ -128,6 +128,13 @@ def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> dict[st
     model = load_model(run)
     image_size = run_image_size(run)
     metadata = run_metadata(model, image_size, read_threshold(run), read_metrics(run))
+    categories = read_thresholds(run).get("categories")
+    if categories:  # a unified run: each category's thresholds beside the global one
+        metadata["category_thresholds"] = json.dumps(
+            {name: {"threshold": r["threshold"], "pixel_threshold": r.get("pixel_threshold")}
+             for name, r in categories.items()}
+        )
+        metadata["decision"] += " (the image's category's threshold from category_thresholds, where known)"
     check = export_onnx(model, out, image_size, metadata, device)
     return {**metadata, "export_check": json.dumps(check)}
 

@@ -59,6 +59,7 @@ def write_html_report(
         f"({int((predictions.labels == 1).sum())} defective) · data: {html.escape(dataset or 'unnamed')} · "
         f"threshold: {'none' if threshold is None else f'{threshold:.4g}'}</p>",
         _metrics_table(metrics, dataset),
+        _per_category(metrics),
     ]
     if len(predictions.paths):
         parts += [
@@ -100,6 +101,29 @@ def _metrics_table(metrics: dict, dataset: str | None) -> str:
     return (
         "<h2>Metrics</h2><table><tr><th>metric</th><th>this run</th><th>papers (same data set)</th></tr>"
         + "".join(rows) + "</table>"
+    )
+
+
+def _per_category(metrics: dict) -> str:
+    """A run of several categories (the unified protocol): each category's metrics, decided at its own
+    threshold, and their mean ('' for a run of one)."""
+    per_category = metrics.get("per_category")
+    if not per_category:
+        return ""
+    keys = ("image_auroc", "pixel_auroc", "pro", "accuracy_at_threshold")
+    header = "".join(f"<th>{METRIC_NAMES.get(k, k.replace('_', ' '))}</th>" for k in keys)
+
+    def cells(values: dict) -> str:
+        return "".join(
+            f"<td class=num>{values[k]:.4g}</td>" if isinstance(values.get(k), int | float) else "<td>–</td>"
+            for k in keys
+        )
+
+    rows = [f"<tr><td>{html.escape(name)}</td>{cells(values)}</tr>" for name, values in per_category.items()]
+    rows.append(f"<tr><td><b>mean over categories</b></td>{cells(metrics.get('category_mean', {}))}</tr>")
+    return (
+        "<h2>Per category</h2><p class=sub>one model for all of them; each category's accuracy at its own "
+        f"threshold</p><table><tr><th>category</th>{header}</tr>{''.join(rows)}</table>"
     )
 
 

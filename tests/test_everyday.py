@@ -113,7 +113,9 @@ def test_predict_scores_a_folder_reports_bad_files_and_leaves_out_masks(good_run
         assert not row["error"] and row["decision"] in ("good", "anomalous")
         assert (row["decision"] == "anomalous") == (float(row["score"]) > threshold)
         assert (row["decision"] == "anomalous") == (float(row["normalized_score"]) > 0.5)
-        assert 0.0 <= float(row["normalized_score"]) <= 1.0
+    # the normalised score keeps the raw scores' order (not clipped at 0 or 1)
+    scored = sorted((float(rows[n]["score"]), float(rows[n]["normalized_score"])) for n in ("part_1", "part_3", "wide"))
+    assert [b for _, b in scored] == sorted(b for _, b in scored) and len({b for _, b in scored}) == 3
     n_anomalous = sum(r["decision"] == "anomalous" for r in rows.values())
     assert f"scored 3 of 4 images: {n_anomalous} anomalous" in result.stdout
     assert str(out / "predictions.csv") in result.stdout and str(out / "heatmaps") in result.stdout

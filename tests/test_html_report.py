@@ -53,8 +53,8 @@ def report(tmp_path_factory):
 
 def test_report_is_self_contained(report):
     page = report.read_text(encoding="utf-8")
-    for section in ("Metrics", "Image ROC", "PRO curve", "Score histogram", "per defect type", "false alarms",
-                    "misses", "threshold 1.1"):
+    for section in ("Metrics", "Image ROC", "PRO curve", "Score histogram", "per defect type", "False alarms",
+                    "Misses", "Lowest-margin detections", "threshold 1.1"):
         assert section in page, section
     assert "Metaformer (Wu et al., ICCV 2021)" in page and "0.993" in page  # the paper's figure beside ours
     assert "crack" in page and "stain" in page
@@ -62,7 +62,10 @@ def test_report_is_self_contained(report):
     assert "<script" not in page
     links = re.findall(r"(?:src|href)=['\"]?([^'\" >]+)", page)
     assert links and all(link.startswith("data:image/png;base64,") for link in links), set(links) - {""}
-    assert len(re.findall("data:image/png;base64,", page)) == 4 * 8  # 4 false alarms + 4 misses, 4 pictures
+    from metaad.runs.html_report import worst_sections
+
+    shown = sum(len(chosen) for _, chosen in worst_sections(_predictions(report.parent), 1.1, 4))
+    assert shown >= 4 and len(re.findall("data:image/png;base64,", page)) == 4 * shown  # 4 pictures an image
 
 
 def _chromium() -> str | None:
@@ -101,3 +104,26 @@ def test_console_errors_would_be_seen(tmp_path):
     page.write_text("<html><body>x<script>undefinedFunction();</script></body></html>", encoding="utf-8")
     log = screenshot(page, tmp_path / "bad.png", tmp_path)
     assert any("CONSOLE" in line and "undefinedFunction" in line for line in log.splitlines())
+
+
+def test_sections_of_hard_images_hold_what_their_titles_say(tmp_path):
+    from metaad.runs.html_report import worst_sections
+
+    predictions = _predictions(tmp_path)
+    scores, labels = predictions.scores, predictions.labels
+    threshold = 1.1
+    sections = dict(worst_sections(predictions, threshold, n_worst=20))
+    misses = sections["Misses (defective images scored at or below the threshold)"]
+    alarms = sections["False alarms (good images scored above the threshold)"]
+    detected = sections["Lowest-margin detections (defective images just above the threshold)"]
+    assert misses and all(labels[i] == 1 and scores[i] <= threshold for i in misses)  # image 12, pushed down
+    assert all(labels[i] == 0 and scores[i] > threshold for i in alarms)
+    assert all(labels[i] == 1 and scores[i] > threshold for i in detected)
+    assert list(scores[detected]) == sorted(scores[detected])  # the closest call first
+    # a threshold under every score: nothing is missed, and the report says "none" under the misses' title
+    everything = dict(worst_sections(predictions, float(scores.min()) - 1, n_worst=4))
+    assert everything["Misses (defective images scored at or below the threshold)"] == []
+    write_report(tmp_path, predictions, {"image_auroc": 0.9}, threshold=float(scores.min()) - 1)
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Misses (defective images scored at or below the threshold)</h2><p>none</p>" in page
+    assert "Worst misses" not in page

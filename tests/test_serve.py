@@ -159,3 +159,14 @@ def test_too_large_uploads_are_refused(server):
     assert answer.status_code == 413 and "pixels" in answer.json()["detail"]
     assert client.post("/predict", data={"image": "text"}).status_code == 422
     assert client.get("/health").status_code == 200
+
+
+def test_the_normalized_score_keeps_order_beyond_both_ends(tmp_path):
+    from metaad.deploy.inference import Run
+
+    run = Run(make_run(tmp_path / "run"))
+    threshold, low = run.threshold, run.thresholds["score_low"]
+    assert run.normalize(threshold) == pytest.approx(0.5) and run.normalize(low) == pytest.approx(0.0)
+    far = [run.normalize(threshold + k * (threshold - low)) for k in (2, 5, 50)]
+    assert far == sorted(far) and far[0] > 1 and len(set(far)) == 3  # no saturation at 1
+    assert run.normalize(low - (threshold - low)) < 0

@@ -37,7 +37,7 @@ class ImageResult:
     source: str  # the file, or "<PIL image 2>" / "<array 2>" by position in the input
     score: float  # the model's image score (NaN when ``error``)
     anomalous: bool | None  # score > the run's threshold; None without a threshold
-    normalized_score: float | None  # the score mapped so that the threshold is 0.5 (see Run.normalize)
+    normalized_score: float | None  # the score mapped so that the threshold is 0.5, unclipped (Run.normalize)
     map: np.ndarray | None  # float32 anomaly map
     mask: np.ndarray | None  # bool predicted defect pixels (map > the run's pixel threshold)
     size: tuple[int, int]  # (width, height) of the image
@@ -101,14 +101,15 @@ class Run:
         )
 
     def normalize(self, score: float) -> float | None:
-        """``score`` on a 0-1 scale where the threshold is 0.5: linear, with the lowest held-out good score
-        at 0 and as far above the threshold at 1 (clipped). None without a threshold."""
+        """``score`` on a scale where the threshold is 0.5: linear, the lowest held-out good score at 0 and as
+        far above the threshold at 1. Not clipped, so it keeps the order of the raw scores beyond both ends (a
+        part far worse than the threshold scores above 1). None without a threshold."""
         if self.threshold is None:
             return None
         spread = self.threshold - self.thresholds.get("score_low", self.threshold)
         if not spread > 0:
             spread = abs(self.threshold) or 1.0
-        return float(np.clip(0.5 + 0.5 * (score - self.threshold) / spread, 0.0, 1.0))
+        return float(0.5 + 0.5 * (score - self.threshold) / spread)
 
     def predict(
         self,

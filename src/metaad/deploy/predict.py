@@ -110,7 +110,7 @@ def _row(result: ImageResult, stem: str, threshold: float | None) -> dict:
         "path": result.source,
         "name": stem,
         "score": "" if result.error else f"{result.score:.6g}",
-        "normalized_score": "" if result.normalized_score is None else f"{result.normalized_score:.4f}",
+        "normalized_score": "" if result.normalized_score is None else f"{result.normalized_score:.6g}",
         "decision": "error" if result.error else decision,
         "threshold": "" if threshold is None else f"{threshold:.6g}",
         "error": result.error or "",

@@ -37,7 +37,7 @@ class Prediction(BaseModel):
     decision: str | None  # "anomalous" or "good"; None when the run has no threshold
     anomalous: bool | None
     threshold: float | None
-    normalized_score: float | None  # 0-1, the threshold at 0.5
+    normalized_score: float | None  # the threshold at 0.5, the lowest held-out good score at 0; unclipped
     category: str | None = None  # whose threshold decided (a run of several categories)
     note: str | None = None  # e.g. that the global threshold decided because no category was named
     width: int

@@ -238,16 +238,36 @@ def _per_defect(predictions: Predictions) -> str:
             "<table><tr><th>defect</th><th>images</th><th>AUROC</th><th></th></tr>" + "".join(rows) + "</table>")
 
 
-def _worst(predictions: Predictions, threshold: float | None, n_worst: int) -> str:
+def worst_sections(predictions: Predictions, threshold: float | None, n_worst: int) -> list[tuple[str, list[int]]]:
+    """The report's sections of hardest images, each titled by what it holds: with a threshold, the misses
+    (defective images at or below it) and false alarms (good images above it), an empty list where there are
+    none, then the closest calls on the right side of it (lowest-margin detections, highest-scored good
+    images below it); without a threshold, the lowest-scored defective and highest-scored good images."""
     order = np.argsort(predictions.scores, kind="stable")
-    misses = [i for i in order if predictions.labels[i] == 1][:n_worst]
-    alarms = [i for i in order[::-1] if predictions.labels[i] == 0][:n_worst]
+    defective = [i for i in order if predictions.labels[i] == 1]  # lowest score first
+    good = [i for i in order[::-1] if predictions.labels[i] == 0]  # highest score first
+    if threshold is None:
+        return [("Highest-scored good images", good[:n_worst]),
+                ("Lowest-scored defective images", defective[:n_worst])]
+    misses = [i for i in defective if predictions.scores[i] <= threshold]
+    alarms = [i for i in good if predictions.scores[i] > threshold]
+    detected = [i for i in defective if predictions.scores[i] > threshold]
+    passed = [i for i in good if predictions.scores[i] <= threshold]
+    return [
+        ("False alarms (good images scored above the threshold)", alarms[:n_worst]),
+        ("Misses (defective images scored at or below the threshold)", misses[:n_worst]),
+        ("Lowest-margin detections (defective images just above the threshold)", detected[:n_worst]),
+        ("Closest good images (highest-scored good images at or below the threshold)", passed[:n_worst]),
+    ]
+
+
+def _worst(predictions: Predictions, threshold: float | None, n_worst: int) -> str:
     low, high = (float(v) for v in np.percentile(predictions.maps, [1, 99.9]))
     high = max(high, low + 1e-6)
     sections = []
-    for title, chosen in (("Worst false alarms (highest-scored good images)", alarms),
-                          ("Worst misses (lowest-scored defective images)", misses)):
+    for title, chosen in worst_sections(predictions, threshold, n_worst):
         if not chosen:
+            sections.append(f"<h2>{title}</h2><p>none</p>")
             continue
         rows = []
         for i in chosen:

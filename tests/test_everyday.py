@@ -75,6 +75,7 @@ def folders(synthetic_root, tmp_path_factory) -> Path:
     shutil.copy(category / "ground_truth" / "hole" / "001_mask.png", base / "incoming" / "part_3_mask.png")
     Image.open(category / "test" / "good" / "000.png").resize((96, 48)).save(base / "incoming" / "wide.png")
     (base / "incoming" / "broken.png").write_bytes(b"not an image")
+    (base / "incoming" / "notes.txt").write_text("shift 2, line 4")  # not an image: left out, and counted
     return base
 
 
@@ -105,6 +106,7 @@ def test_predict_scores_a_folder_reports_bad_files_and_leaves_out_masks(good_run
     rows = {r["name"]: r for r in read_csv(out / "predictions.csv")}
     assert set(rows) == {"part_1", "part_3", "wide", "broken"}  # part_1.png and part_3_mask.png are masks
     assert "left out 2 mask file(s)" in result.stdout
+    assert "left out 1 file(s) that are not images (by extension), e.g." in result.stdout
     assert rows["broken"]["error"] and rows["broken"]["decision"] == "error" and not rows["broken"]["score"]
     assert "broken.png" in result.stderr
     threshold = json.loads((run / "threshold.json").read_text())["threshold"]
@@ -262,3 +264,20 @@ def test_tiling_finds_a_small_defect_in_a_large_image(tmp_path, capsys):
     peak_y, peak_x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
     assert abs(peak_y - cy) < 24 and abs(peak_x - cx) < 24
     assert np.asarray(Image.open(out / "masks" / "large.png"))[cy, cx] == 255
+
+
+def test_demo_takes_no_progress(tmp_path):
+    result = ok(cli("demo", "--preset", "tiny", "--out", tmp_path / "demo", "--no-progress", "--threads", "1"))
+    assert "image_auroc" in result.stdout and "it/s" not in result.stderr and "batch/s" not in result.stderr
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    import argparse
+
+    from metaad.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"metaad {name} {action.option_strings[0]}" for name, command in commands.items()
+              for action in command._actions if action.option_strings and not action.help]
+    assert silent == []
+    assert {"serve", "predict", "export", "demo", "fit", "test"} <= set(commands)

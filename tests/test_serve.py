@@ -147,6 +147,7 @@ def test_bad_requests_are_4xx_with_a_message(server, files, status, words):
     answer = client.post("/predict", files=files)
     assert answer.status_code == status, answer.text
     assert words in json.dumps(answer.json()["detail"])
+    assert "object at 0x" not in answer.text and "BytesIO" not in answer.text  # no Python internals
     assert client.post("/predict", files={"image": ("good.png", _image())}).status_code == 200  # still serving
 
 

@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threshold", type=float, default=None, help="override the run's calibrated threshold"
     )
     predict.add_argument("--image-size", type=int, default=None, help="side the model sees (default: the run's)")
-    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     predict.add_argument(
         "--tile", type=int, default=None, metavar="SIZE",
         help="split each image into overlapping SIZE x SIZE tiles (pixels), each seen at the run's size, and "
@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--tile-overlap", type=float, default=0.25, metavar="F", help="share of a tile its neighbours overlap"
     )
-    predict.add_argument("--threads", type=int, default=None)
+    predict.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     predict.add_argument(
         "--category", default=None,
         help="a run of several categories: whose threshold decides (default: the global one, with a note)",
@@ -97,10 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=run_predict)
 
     bench = subparsers.add_parser("benchmark", help="fit and evaluate several models on one data set")
-    bench.add_argument("--models", nargs="+", default=["patchcore"], choices=sorted(MODELS))
-    bench.add_argument("--preset", default=None)
+    bench.add_argument("--models", nargs="+", default=["patchcore"], choices=sorted(MODELS), metavar="MODEL",
+                       help=f"methods to fit and evaluate, each in its own run folder: {', '.join(sorted(MODELS))}")
+    bench.add_argument("--preset", default=None, help="one preset for every method (paper, cpu, tiny)")
     _add_data_args(bench)
-    bench.add_argument("--out", required=True)
+    bench.add_argument("--out", required=True, help="folder for the run folders and benchmark.json")
     bench.add_argument("--device", default="cpu", choices=DEVICES, help="where the models fit and score (default cpu)")
     bench.set_defaults(handler=run_benchmark)
 
@@ -113,7 +114,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="runs/demo", help="folder for the data set and the run")
     demo.add_argument("--category", default=None, help="synthetic category (default: the first)")
     demo.add_argument("--preset", default="cpu", help="PatchCore preset (default: cpu, for a CPU)")
-    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _add_output_args(demo)
     demo.set_defaults(handler=run_demo, command="demo")
 
 
@@ -306,13 +308,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_out_folder(out, "the predictions' output")
-    files, masks = expand_inputs(args.inputs)
+    files, masks, others = expand_inputs(args.inputs)
     quiet = args.quiet
     if masks and not quiet:
         print(
             f"left out {len(masks)} mask file(s) beside their images (NAME.png beside NAME.jpg, NAME_mask.*), "
             f"e.g. {masks[0]}"
         )
+    if others and not quiet:
+        print(f"left out {len(others)} file(s) that are not images (by extension), e.g. {others[0]}")
     summary = predict_images(
         args.run, files, out, args.threshold, args.image_size, args.batch_size, args.tile, args.tile_overlap,
         progress=not (quiet or args.no_progress), device=args.device, category=args.category,
@@ -370,8 +374,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from metaad.runs.fit import demo
 
     out = Path(args.out)
-    metrics = demo(out, args.category, args.preset)
-    _print_evaluation(metrics, out / "run", "run folder")
+    say = (lambda *_: None) if args.quiet else print
+    metrics = demo(out, args.category, args.preset, say=say, progress=not (args.quiet or args.no_progress))
+    if not args.quiet:
+        _print_evaluation(metrics, out / "run", "run folder")
     return 0
 
 

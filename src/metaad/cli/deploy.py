@@ -14,20 +14,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export a run's model as one ONNX graph (normalisation, backbone, scorer, maps; threshold in metadata)",
     )
     export.add_argument("--run", required=True, help="run folder written by 'metaad fit'")
-    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="graph format (onnx, the only one)")
     export.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     export.add_argument("--device", default="cpu", choices=DEVICES, help="where to trace the model (default cpu)")
-    export.add_argument("--threads", type=int, default=None)
+    export.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     export.set_defaults(handler=run_export)
 
     serve = subparsers.add_parser(
         "serve", help="serve a run over HTTP: POST /predict, GET /health, GET /model, docs at /docs"
     )
     serve.add_argument("--run", required=True, help="run folder written by 'metaad fit'")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     serve.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
-    serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     serve.add_argument(
         "--category", default=None,
         help="a run of several categories: whose threshold decides by default (a request's 'category' form "

@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--backbone-weights", default=None, metavar="FILE", help="local weights file for --backbone")
     parser.add_argument("--group-size", type=int, default=200, help="images per fine group (§4: about 200)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the meta-tasks and the initial weights (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.set_defaults(handler=run_meta_train)

@@ -138,17 +138,21 @@ def select_shots(records: list[ImageRecord], shots: int | None, seed: int) -> li
     return random.Random(seed).sample(list(records), shots)
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
-    """(images, masks left out): the named files, and the images below the named folders except the masks
-    of other images beside them (see :func:`metaad.data.datasets.split_off_masks`)."""
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+    """(images, masks left out, other files left out): the named files, and the images below the named folders
+    except the masks of other images beside them (see :func:`metaad.data.datasets.split_off_masks`); the
+    files below the folders that are not images (by extension) are the third list."""
     files: list[Path] = []
     masks: list[Path] = []
+    others: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():  # every image below it, sub-folders included (e.g. an MVTec test/ folder)
             images, left_out = split_off_masks(list_images(path, recursive=True))
             files += images
             masks += left_out
+            others += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+                             and not p.name.startswith("."))
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
@@ -157,4 +161,4 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
             raise FileNotFoundError(f"{path}: no such file or folder")
     if not files:
         raise ValueError(f"no images found in {', '.join(inputs)}")
-    return files, masks
+    return files, masks, others

@@ -155,8 +155,10 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             handle.load()
     except HTTPException:
         raise
-    except UnidentifiedImageError as error:
-        raise HTTPException(400, f"{name}: not an image file PIL can read ({error})") from error
+    except UnidentifiedImageError as error:  # its message names an in-memory buffer: not for the caller
+        raise HTTPException(
+            400, f"{name}: not an image file metaad can read (expected PNG, JPEG, BMP, TIFF, ...)"
+        ) from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise HTTPException(400, f"{name}: unreadable or truncated image ({error})") from error
     return handle.convert("RGB") if handle.mode == "P" else handle  # as metaad.data.datasets.open_image

@@ -193,7 +193,8 @@ def benchmark(
     return results
 
 
-def demo(out: str | Path, category: str | None = None, preset: str | None = "cpu", say=print) -> dict[str, Any]:
+def demo(out: str | Path, category: str | None = None, preset: str | None = "cpu", say=print,
+         progress: bool = True) -> dict[str, Any]:
     """The built-in synthetic data set written to ``out/data`` (once), PatchCore fitted on it, ``out/run``."""
     out = Path(out)
     category = category or CATEGORIES[0]
@@ -204,5 +205,6 @@ def demo(out: str | Path, category: str | None = None, preset: str | None = "cpu
     if preset == "cpu":
         say("fitting PatchCore with its CPU preset (--preset cpu; --preset paper for the paper's settings)")
     model = create_model("patchcore", preset)
-    return fit_and_evaluate(model, DataSpec(str(root), "mvtec", category), out / "run", preset=preset)
+    return fit_and_evaluate(model, DataSpec(str(root), "mvtec", category), out / "run", preset=preset,
+                            progress=progress)
 

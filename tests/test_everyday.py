@@ -281,3 +281,15 @@ def test_every_flag_of_every_command_says_what_it_does():
               for action in command._actions if action.option_strings and not action.help]
     assert silent == []
     assert {"serve", "predict", "export", "demo", "fit", "test"} <= set(commands)
+
+
+@pytest.mark.parametrize(
+    ("param", "words"),
+    [("coreset_ratio=abc", "coreset_ratio='abc' is not a valid value: expected float"),
+     ("layers=3", "layers=3 is not a valid value: expected tuple[int, ...]"),
+     ("image_size=1.5", "image_size=1.5 is not a valid value")],
+)
+def test_a_wrong_typed_param_is_a_one_line_error(tmp_path, param, words):
+    result = cli("fit", "--model", "patchcore", "--data", tmp_path, "--param", param, "--out", tmp_path / "run")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

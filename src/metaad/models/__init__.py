@@ -52,7 +52,7 @@ def model_class(name: str) -> type:
 
 def create_model(name: str, preset: str | None = None, **params: Any):
     """``REGISTRY[name](**PRESETS[preset], **params)``: unknown parameters are an error, never ignored."""
-    from metaad.types import model_params
+    from metaad.types import check_param_types, model_params
 
     cls = model_class(name)
     settings: dict[str, Any] = {}
@@ -66,6 +66,7 @@ def create_model(name: str, preset: str | None = None, **params: Any):
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
         raise ValueError(f"model {name!r} got unknown parameter(s) {unknown}; accepted: {', '.join(accepted)}")
+    check_param_types(cls, settings, f"model {name!r}")
     return cls(**settings)
 
 

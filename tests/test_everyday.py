@@ -293,3 +293,25 @@ def test_a_wrong_typed_param_is_a_one_line_error(tmp_path, param, words):
     result = cli("fit", "--model", "patchcore", "--data", tmp_path, "--param", param, "--out", tmp_path / "run")
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["fit", "--model", "patchcor", "--data", ".", "--out", "x"], "did you mean 'patchcore'?"),
+     (["fit", "--data", "MISSING", "--out", "x"], "--data MISSING: no such folder"),
+     (["fit", "--data", "notes.txt", "--out", "x"], "is a file; expected the folder of a data set"),
+     (["fit", "--data", "root", "--category", "wevae", "--out", "x"], "did you mean 'weave'?"),
+     (["benchmark", "--models", "fastflw", "--data", "root", "--out", "x"], "did you mean 'fastflow'?")],
+)
+def test_usage_errors_answer_in_one_line_before_torch_loads(tmp_path, args, words):
+    (tmp_path / "notes.txt").write_text("not a data set")
+    (tmp_path / "root" / "weave" / "train" / "good").mkdir(parents=True)
+    probe = (
+        "import sys\nfrom metaad.cli.main import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\nsys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 2 and "torch not loaded" in result.stdout, result.stdout + result.stderr
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

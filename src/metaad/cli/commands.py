@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.set_defaults(handler=run_predict)
 
     bench = subparsers.add_parser("benchmark", help="fit and evaluate several models on one data set")
-    bench.add_argument("--models", nargs="+", default=["patchcore"], choices=sorted(MODELS), metavar="MODEL",
+    bench.add_argument("--models", nargs="+", default=["patchcore"], type=model_name, metavar="MODEL",
                        help=f"methods to fit and evaluate, each in its own run folder: {', '.join(sorted(MODELS))}")
     bench.add_argument("--preset", default=None, help="one preset for every method (paper, cpu, tiny)")
     _add_data_args(bench)
@@ -133,9 +133,44 @@ is None, meaning 'not given'."""
 
 
 
+def model_name(name: str) -> str:
+    """``--model``'s type: a registered name, else an error with the closest name ("did you mean")."""
+    import difflib
+
+    if name in MODELS:
+        return name
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise argparse.ArgumentTypeError(f"unknown model {name!r}; {hint}available: {', '.join(sorted(MODELS))}")
+
+
+def check_data_flags(args: argparse.Namespace) -> None:
+    """The data flags checked on the file system before anything heavy is imported (torch takes seconds), so
+    that a missing folder or a misspelt category answers at once."""
+    import difflib
+
+    if getattr(args, "data", None) is None:
+        return
+    root = Path(args.data)
+    if not root.exists():
+        raise ValueError(f"--data {root}: no such folder")
+    if not root.is_dir():
+        raise ValueError(f"--data {root}: is a file; expected the folder of a data set (MVTec layout, MTD, images)")
+    category = getattr(args, "category", None)
+    if category is None or category.strip() == "all" or getattr(args, "format", None) in ("mtd", "folder"):
+        return
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    for name in (n.strip() for n in category.split(",")):
+        if name and not (root / name).is_dir():
+            close = difflib.get_close_matches(name, found, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"--category {name}: no folder {root / name}; {hint}categories under {root}: "
+                             f"{', '.join(found) or 'none (no NAME/train/good folder)'}")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None, choices=sorted(MODELS), metavar="MODEL",
+        "--model", default=None, type=model_name, metavar="MODEL",
         help=f"method to fit: {', '.join(sorted(MODELS))} (default: patchcore; see 'metaad models')",
     )
     parser.add_argument(
@@ -231,6 +266,7 @@ def _model_params(args: argparse.Namespace) -> dict:
 
 
 def run_fit(args: argparse.Namespace) -> int:
+    check_data_flags(args)
     from metaad.models import create_model
     from metaad.runs.fit import fit_and_evaluate
     from metaad.runs.layout import prepare_run_folder, read_run_config
@@ -281,6 +317,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_test(args: argparse.Namespace) -> int:
+    check_data_flags(args)
     from metaad.runs.fit import test_run
     from metaad.runs.layout import TEST_DIR, read_config
 
@@ -350,6 +387,7 @@ def _print_predict_summary(summary) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    check_data_flags(args)
     from metaad.runs.fit import benchmark
 
     results = benchmark(

@@ -315,3 +315,38 @@ def test_usage_errors_answer_in_one_line_before_torch_loads(tmp_path, args, word
                             timeout=120)
     assert result.returncode == 2 and "torch not loaded" in result.stdout, result.stdout + result.stderr
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_models_lists_and_describes_methods_without_torch():
+    probe = (
+        "import sys\nfrom metaad.cli.main import main\ncode = main(sys.argv[1:])\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\nsys.exit(code)\n"
+    )
+    listing = subprocess.run([sys.executable, "-c", probe, "models"], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and "torch not loaded" in listing.stdout
+    from metaad.models import REGISTRY
+
+    assert all(name in listing.stdout for name in REGISTRY)
+    one = subprocess.run([sys.executable, "-c", probe, "models", "patchcore"], capture_output=True, text=True,
+                         timeout=60)
+    assert one.returncode == 0 and "torch not loaded" in one.stdout
+    assert "coreset_ratio = " in one.stdout and "paper: " in one.stdout
+
+
+@pytest.mark.parametrize("name", sorted(__import__("metaad.models", fromlist=["REGISTRY"]).REGISTRY))
+def test_the_settings_read_from_source_are_the_classs_own(name):
+    import ast
+    import inspect
+
+    from metaad.models import describe, model_class
+
+    cls = model_class(name)
+    presets, settings = describe(name)
+    assert presets == list(cls.PRESETS)
+    signature = inspect.signature(cls.__init__).parameters
+    assert [s.name for s in settings] == [p for p in signature if p != "self"]
+    for setting in settings:
+        assert ast.literal_eval(setting.default) == signature[setting.name].default, setting.name
+        for preset, value in setting.presets.items():
+            assert ast.literal_eval(value) == cls.PRESETS[preset][setting.name]
+        assert setting.meaning, f"{name}.{setting.name} has no meaning in the class docstring"

@@ -105,7 +105,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--device", default="cpu", choices=DEVICES, help="where the models fit and score (default cpu)")
     bench.set_defaults(handler=run_benchmark)
 
-    models = subparsers.add_parser("models", help="list the methods: paper, presets, whether they train")
+    models = subparsers.add_parser(
+        "models", help="list the methods (paper, presets, whether they train); NAME: every setting of one"
+    )
+    models.add_argument("name", nargs="?", type=model_name, metavar="NAME",
+                        help="a method: its settings, their defaults, what each preset changes and what each means")
     models.set_defaults(handler=run_models)
 
     demo = subparsers.add_parser(
@@ -308,11 +312,28 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from metaad.models import model_class
+    """The registry, or one method's settings, read from the source (no torch import: answers at once)."""
+    import textwrap
 
-    for name, entry in REGISTRY.items():
-        presets = ", ".join(model_class(name).PRESETS)
-        print(f"{name:22} {entry.paper}\n{'':22} presets: {presets}; {'trained' if entry.trains else 'not trained'}")
+    from metaad.models import describe
+
+    if args.name is None:
+        for name, entry in REGISTRY.items():
+            presets = ", ".join(describe(name)[0])
+            trained = "trained" if entry.trains else "not trained"
+            print(f"{name:22} {entry.paper}\n{'':22} presets: {presets}; {trained}")
+        print("metaad models NAME: one method's settings and presets")
+        return 0
+    entry = REGISTRY[args.name]
+    presets, settings = describe(args.name)
+    print(f"{args.name}: {entry.paper}; {'trained' if entry.trains else 'not trained'}; presets: {', '.join(presets)}")
+    print("settings (--param NAME=VALUE), default, then what each preset sets:")
+    for setting in settings:
+        changed = "; ".join(f"{preset}: {value}" for preset, value in setting.presets.items())
+        print(f"  {setting.name} = {setting.default}" + (f"   [{changed}]" if changed else ""))
+        meaning = " ".join(setting.meaning.replace("``", "").split())
+        for line in textwrap.wrap(meaning, 100):
+            print(f"      {line}")
     return 0
 
 

@@ -84,3 +84,86 @@ def get_config(model: Any) -> dict[str, Any]:
     from metaad.types import get_config as config_of
 
     return config_of(model)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One constructor argument of a method, as its source declares it."""
+
+    name: str
+    default: str  # the default as written in the signature
+    presets: dict[str, str]  # preset -> value, where the preset sets it
+    meaning: str  # from the class docstring's Args section ("" where it says nothing)
+
+
+def describe(name: str) -> tuple[list[str], list[Setting]]:
+    """(preset names, settings) of the method registered as ``name``, read from its module's source with
+    :mod:`ast`, so that ``metaad models`` answers without importing torch (the class itself is not imported)."""
+    import ast
+    from pathlib import Path
+
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    module, _, class_name = entry.path.partition(":")
+    source = Path(__file__).resolve().parents[1].joinpath(*module.split(".")[1:]).with_suffix(".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    presets: dict[str, dict] = {}
+    init = None
+    for item in node.body:
+        if isinstance(item, ast.AnnAssign | ast.Assign):
+            targets = [item.target] if isinstance(item, ast.AnnAssign) else item.targets
+            if any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets) and item.value is not None:
+                presets = {k: {key: ast.unparse(v) for key, v in zip(d.keys, d.values, strict=True)}
+                           for k, d in zip((ast.literal_eval(k) for k in item.value.keys), item.value.values,
+                                           strict=True) if isinstance(d, ast.Dict)}
+        elif isinstance(item, ast.FunctionDef) and item.name == "__init__":
+            init = item
+    docstring = ast.get_docstring(node) or ""
+    meanings = _docstring_args(docstring)
+    settings = []
+    if init is not None:
+        arguments = [*init.args.args[1:], *init.args.kwonlyargs]
+        defaults = [None] * (len(init.args.args) - 1 - len(init.args.defaults)) + list(init.args.defaults)
+        defaults += list(init.args.kw_defaults)
+        for argument, default in zip(arguments, defaults, strict=True):
+            settings.append(Setting(
+                argument.arg, "" if default is None else ast.unparse(default),
+                {p: values[argument.arg] for p, values in presets.items() if argument.arg in values},
+                meanings.get(argument.arg) or _mention(docstring, argument.arg),
+            ))
+    return list(presets), settings
+
+
+def _mention(docstring: str, name: str) -> str:
+    """The sentence of ``docstring`` that first names ``name`` as ``name`` ("" where none does)."""
+    import re
+
+    text = " ".join(docstring.split())
+    found = re.search(r"(?:^|(?<=[.;:]\s))[^.;]*``" + re.escape(name) + r"``.*?(?:[.;](?=\s|$)|$)", text)
+    return found.group(0).strip() if found else ""
+
+
+def _docstring_args(docstring: str) -> dict[str, str]:
+    """name -> text of a Google-style ``Args:`` section (``a, b: text`` gives both names the text)."""
+    import re
+
+    meanings: dict[str, str] = {}
+    lines = docstring.splitlines()
+    if "Args:" not in (line.strip() for line in lines):
+        return meanings
+    start = [line.strip() for line in lines].index("Args:") + 1
+    names: list[str] = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith("    "):
+            break  # the section ends at the next unindented line
+        entry = re.match(r"^    ([A-Za-z_][\w, ]*):\s*(.*)$", line)
+        if entry and not line.startswith("     "):
+            names = [n.strip() for n in entry.group(1).split(",")]
+            for n in names:
+                meanings[n] = entry.group(2).strip()
+        elif names and line.strip():
+            for n in names:
+                meanings[n] += " " + line.strip()
+    return meanings

@@ -299,8 +299,8 @@ class Glance(nn.Module):
         image_size, patch_size: C.1: images at 256×256, patches 33×33 (Tables 1-2).
         pretrain_folders: image folders for the Local-Net's first distillation (paper: ImageNet), each image
             resized to ``image_size``; () skips it. ``pretrain_epochs``: passes over them.
-        local_epochs, local_lr, local_batch_size: the distillation settings (C.1: Adam 2e-4, batch 64 on
-            ImageNet, 16 on the category; λk = λc = 1).
+        local_epochs, local_lr, local_batch_size, lambda_k, lambda_c: the distillation settings (C.1: Adam
+            2e-4, batch 64 on ImageNet, 16 on the category; the loss weights λk = λc = 1).
         global_epochs, global_lr, batch_size: Global-Net + DAD head training (C.1: Adam, Global-Net 1e-4,
             batch 64). ``dad_lr_ratio``: the DAD head's lr over the Global-Net's (C.1: 1e-5 / 1e-4, the paper
             preset). The shared loop has one lr, so the head's weights are stored divided by this ratio

@@ -210,6 +210,11 @@ class Metaformer(nn.Module):
     initialisation is an explicit choice (``init=None``; ``--param init=null``). "paper" is §4: 256 px, full
     width, batch 64, lr 1e-4, the squared-error map, from ``init=None`` or a paper-preset universal model
     (``init=PATH``). Saves of metaad before the feature map was the default load with the map they had ("l2").
+
+    Args:
+        width_multiplier: channel width of A, P's and T's convolutions relative to Table 1 (1.0: the paper's).
+        lr, batch_size: Adam's learning rate and batch size of the adaptation (§4: 1e-4, 64).
+        seed: seeds the initial weights (when ``init`` is None) and the adaptation's order.
     """
 
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2"}

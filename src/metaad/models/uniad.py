@@ -138,6 +138,10 @@ class UniAD(nn.Module):
             α / √C ≈ 1.21: α = 20 · √(C / 272) (16.8 for Lite0's 192 channels). 0 turns jitter off.
         jitter_probability: the chance a batch is jittered (the paper: 1).
         pool: side of the average pool over the full-size map before its maximum is the image score (16).
+        standardize_features: reconstruct the features standardised per channel with the training images'
+            mean and standard deviation (a metaad addition; the paper reconstructs them raw). Lite0's taps have
+            a spread of 3-11 and means up to 15 per channel, far from the unit scale of the decoder's layer
+            norm, which a CPU schedule of a few thousand steps cannot bridge at lr 1e-4.
         standardize_images: "auto", "always" or "never" (the paper): PatchCore's exposure standardisation
             (``metaad.components.preprocess.Preprocess``). A metaad addition.
         epochs, batch_size, lr, weight_decay, gradient_clip_norm, lr_drop_at: AdamW with a ×0.1 step at
@@ -151,11 +155,11 @@ class UniAD(nn.Module):
     cached features) and ``"tiny"`` (tests).
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {}  # nothing saved before UniAD existed
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"backbone": "tf_efficientnet_b4", "image_size": 224, "hidden": 256, "heads": 8,
                   "encoder_layers": 4, "decoder_layers": 4, "feedforward": 1024, "epochs": 500, "batch_size": 64,
-                  "standardize_images": "never"},
+                  "lr": 1e-4, "standardize_features": False, "standardize_images": "never"},
         "cpu": {},
         "tiny": {"image_size": 64, "hidden": 32, "heads": 2, "encoder_layers": 1, "decoder_layers": 1,
                  "feedforward": 64, "neighbourhood": 3, "epochs": 3, "batch_size": 4},
@@ -168,7 +172,7 @@ class UniAD(nn.Module):
         hidden: int = 128, heads: int = 4, encoder_layers: int = 2, decoder_layers: int = 2, feedforward: int = 512,
         dropout: float = 0.1, neighbourhood: int = 7,
         jitter_scale: float | None = None, jitter_probability: float = 1.0, pool: int = 16,
-        standardize_images: str = "auto",
+        standardize_features: bool = True, standardize_images: str = "auto",
         epochs: int = 60, batch_size: int = 16, lr: float = 1e-4, weight_decay: float = 1e-4,
         gradient_clip_norm: float | None = 0.1, lr_drop_at: float = 0.8,
         predict_batch_size: int = 16, seed: int = 0,
@@ -180,7 +184,7 @@ class UniAD(nn.Module):
         self.encoder_layers, self.decoder_layers = encoder_layers, decoder_layers
         self.feedforward, self.dropout, self.neighbourhood = feedforward, dropout, neighbourhood
         self.jitter_scale, self.jitter_probability, self.pool = jitter_scale, jitter_probability, pool
-        self.standardize_images = standardize_images
+        self.standardize_features, self.standardize_images = standardize_features, standardize_images
         self.epochs, self.batch_size, self.lr, self.weight_decay = epochs, batch_size, lr, weight_decay
         self.gradient_clip_norm, self.lr_drop_at = gradient_clip_norm, lr_drop_at
         self.predict_batch_size, self.seed = predict_batch_size, seed
@@ -214,6 +218,8 @@ class UniAD(nn.Module):
         self.register_buffer("attention_mask", mask, persistent=False)
         channels = sum(self.feature_extractor.channels)
         self.channels = channels
+        self.register_buffer("feature_mean", torch.zeros(channels))  # set by fit (standardize_features)
+        self.register_buffer("feature_std", torch.ones(channels))
         with torch.random.fork_rng(devices=[]):  # same seed, same weights; the global RNG is untouched
             torch.manual_seed(seed)
             tokens = self.grid**2
@@ -252,6 +258,12 @@ class UniAD(nn.Module):
                    for t in taps]
         return [torch.cat(aligned, dim=1).contiguous()]
 
+    def standardized(self, features: torch.Tensor) -> torch.Tensor:
+        """Features in the units the transformer reconstructs (per-channel standardised, or as they are)."""
+        if not self.standardize_features:
+            return features
+        return (features - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
+
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """The transformer's reconstruction (B, C, g, g) of aligned features; jittered inputs in training."""
         tokens = features.flatten(2).transpose(1, 2)  # (B, g·g, C)
@@ -278,7 +290,7 @@ class UniAD(nn.Module):
 
     def training_loss(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """MSE between the reconstruction of jittered features and the clean features."""
-        (features,) = maps
+        features = self.standardized(maps[0])
         return F.mse_loss(self.reconstruct(features), features)
 
     def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
@@ -290,16 +302,35 @@ class UniAD(nn.Module):
         self.preprocess.measure(images.batches())
         features = FrozenFeatures(self, self.frozen_maps, images,
                                   frozen_part_key(self.feature_extractor, self.preprocess), device=device_of(self))
+        if self.standardize_features:
+            self._measure_features(features)
         train_model(self, features, progress=progress, workdir=workdir, resume=resume,
                     on_epoch_end=marking_fitted(self, on_epoch_end))
         self.fitted.fill_(True)
         return self.eval()
 
+    @torch.no_grad()
+    def _measure_features(self, features: FrozenFeatures) -> None:
+        """Per-channel mean and standard deviation of the training features (over images and locations)."""
+        total = torch.zeros(self.channels, dtype=torch.float64)
+        squares = torch.zeros(self.channels, dtype=torch.float64)
+        count = 0
+        for index in torch.arange(len(features)).split(64):
+            (batch,) = features[index]
+            values = batch.double().transpose(0, 1).flatten(1)
+            total += values.sum(1)
+            squares += values.square().sum(1)
+            count += values.shape[1]
+        mean = total / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt()
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(std.float().clamp_min(1e-6))
+
     # ------------------------------------------------------------------------------------------- predict
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,) and maps (B, H, W): the per-location L2 norm of the reconstruction error, upsampled;
         the score is the maximum of the map at ``image_size`` after a ``pool`` × ``pool`` average pool."""
-        (features,) = self.frozen_maps(images)
+        features = self.standardized(self.frozen_maps(images)[0])
         error = (self.reconstruct(features) - features).pow(2).sum(1, keepdim=True).sqrt()
         full = F.interpolate(error, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         pooled = F.avg_pool2d(full, self.pool, stride=1) if self.pool > 1 else full

@@ -171,3 +171,27 @@ def test_the_normalized_score_keeps_order_beyond_both_ends(tmp_path):
     far = [run.normalize(threshold + k * (threshold - low)) for k in (2, 5, 50)]
     assert far == sorted(far) and far[0] > 1 and len(set(far)) == 3  # no saturation at 1
     assert run.normalize(low - (threshold - low)) < 0
+
+
+def test_the_docs_page_is_self_contained_and_describes_every_endpoint(server, tmp_path):
+    import re
+
+    client, _ = server
+    answer = client.get("/docs")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    page = answer.text
+    assert "<script" not in page and "cdn" not in page.lower()
+    links = re.findall(r"(?:src|href)=['\"]?([^'\" >]+)", page)
+    assert all(not link.startswith(("http:", "https:", "//")) for link in links), links
+    for endpoint in ("/predict", "/health", "/model"):
+        assert f"<span class=path>{endpoint}</span>" in page
+    assert "heatmap" in page and "category" in page and "image" in page  # /predict's parameters
+    from test_html_report import _chromium, screenshot
+
+    if _chromium() is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's package)")
+    (tmp_path / "docs.html").write_text(page)
+    log = screenshot(tmp_path / "docs.html", tmp_path / "docs.png", tmp_path)
+    assert not [line for line in log.splitlines() if "net::ERR" in line or "Failed to load resource" in line]
+    image = np.asarray(Image.open(tmp_path / "docs.png").convert("RGB"))
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20  # text on the page, not blank

@@ -2,7 +2,8 @@
 
 ``POST /predict`` (multipart field ``image``) -> JSON score, decision and threshold, and on request
 (``?heatmap=true&overlay=true``) the heat map and its overlay on the image as base64 PNG; ``GET /health``;
-``GET /model`` (method, size, threshold, metrics); OpenAPI at ``/docs``. A bad upload (not an image, truncated,
+``GET /model`` (method, size, threshold, metrics); the API described at ``/docs`` (a page rendered here, no
+script or CDN: it shows offline) and ``/openapi.json``. A bad upload (not an image, truncated,
 empty, too large, wrong field) is a 4xx with a message, never a 500, and the service goes on serving.
 """
 
@@ -18,12 +19,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from metaad import runtime
 from metaad.data.transforms import pil_to_tensor
+from metaad.deploy.api_page import api_page
 from metaad.deploy.inference import Run
 from metaad.device import select_device
 from metaad.runs.layout import read_metrics
@@ -82,6 +84,8 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
         title="metaad",
         version=runtime.__version__,
         description=f"Anomaly detection with the {info.method} run {run.name}: upload an image, get its score.",
+        docs_url=None,  # Swagger UI loads from a CDN: /docs is a page rendered here instead (works offline)
+        redoc_url=None,
     )
 
     @app.middleware("http")
@@ -91,12 +95,18 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
             return JSONResponse({"detail": f"upload larger than {max_upload_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(api_page(app.openapi()))
+
     @app.get("/health")
     def health() -> dict[str, str]:
+        """Whether the service is up: {"status": "ok"}."""
         return {"status": "ok"}
 
     @app.get("/model", response_model=ModelInfo)
     def model_info() -> ModelInfo:
+        """The run behind the service: method, image size, threshold(s), settings and test metrics."""
         return info
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=False)
@@ -107,6 +117,8 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
         category: Annotated[str | None, Form(description="whose threshold decides (a run of several categories)")]
         = None,
     ) -> Prediction:
+        """Score one uploaded image: its score, the decision at the run's threshold (a category's, when named),
+        and on request the heat map and its overlay on the image as base64 PNG."""
         data = image.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")

@@ -138,3 +138,43 @@ def test_an_exported_unified_run_carries_each_categorys_threshold(unified_run, t
     assert {name: r["threshold"] for name, r in exported.items()} == {
         name: r["threshold"] for name, r in thresholds["categories"].items()
     }
+
+
+def test_predict_writes_regions_and_drops_small_ones(unified_run, two_categories, tmp_path):
+    images = str(two_categories / "weave" / "test")
+
+    def predict(out: Path, *extra) -> tuple[list[dict], list[dict]]:
+        result = subprocess.run(
+            [sys.executable, "-m", "metaad.cli.main", "predict", "--run", str(unified_run), images, "--out",
+             str(out), "--threads", "1", "--no-progress", "--category", "weave", *extra],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "regions.csv" in result.stdout
+        with open(out / "predictions.csv", newline="") as a, open(out / "regions.csv", newline="") as b:
+            return list(csv.DictReader(a)), list(csv.DictReader(b))
+
+    rows, regions = predict(tmp_path / "all")
+    assert regions, "the defective test images should give predicted regions"
+    for row in rows:  # each image's region count is its number of rows in regions.csv
+        assert int(row["n_regions"]) == sum(r["name"] == row["name"] for r in regions)
+    for region in regions:
+        assert int(region["area"]) <= int(region["width"]) * int(region["height"]) and float(region["peak"]) > 0
+    largest = max(int(r["area"]) for r in regions)
+    rows, regions = predict(tmp_path / "large", "--min-region-area", str(largest + 1))
+    assert regions == [] and all(row["n_regions"] == "0" for row in rows)
+
+
+def test_serve_answers_with_regions(unified_run, two_categories):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from metaad.deploy.serve import create_app
+
+    defective = next(p for p in (two_categories / "weave" / "test").iterdir() if p.name != "good")
+    image = next(defective.iterdir()).read_bytes()
+    answer = TestClient(create_app(unified_run)).post(
+        "/predict", files={"image": ("a.png", image, "image/png")}, data={"category": "weave"}).json()
+    assert isinstance(answer["regions"], list)
+    for region in answer["regions"]:
+        assert set(region) == {"area", "x", "y", "width", "height", "peak"} and region["area"] >= 1

@@ -92,6 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--category", default=None,
         help="a run of several categories: whose threshold decides (default: the global one, with a note)",
     )
+    predict.add_argument(
+        "--min-region-area", type=int, default=1, metavar="PIXELS",
+        help="predicted defect regions smaller than this are dropped from masks and regions.csv (default 1)",
+    )
     predict.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
     _add_output_args(predict)
     predict.set_defaults(handler=run_predict)
@@ -378,6 +382,7 @@ def run_predict(args: argparse.Namespace) -> int:
     summary = predict_images(
         args.run, files, out, args.threshold, args.image_size, args.batch_size, args.tile, args.tile_overlap,
         progress=not (quiet or args.no_progress), device=args.device, category=args.category,
+        min_region_area=args.min_region_area,
     )
     for path, error in summary.errors:
         print(f"metaad predict: could not score {error if str(path) in error else f'{path}: {error}'}", file=sys.stderr)
@@ -403,6 +408,8 @@ def _print_predict_summary(summary) -> None:
     if summary.errors:
         print(f"{len(summary.errors)} image(s) could not be read: see the 'error' column of the CSV")
     print(f"predictions: {summary.csv}")
+    if summary.regions_csv is not None:
+        print(f"{'regions:':>12} {summary.regions_csv} (one row per predicted defect region)")
     for name, folder in summary.folders.items():
         print(f"{name + ':':>12} {folder}/")
 

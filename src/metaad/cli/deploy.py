@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a run of several categories: whose threshold decides by default (a request's 'category' form "
         "field picks another; without either, the global threshold, with a note)",
     )
+    serve.add_argument(
+        "--min-region-area", type=int, default=1, metavar="PIXELS",
+        help="predicted defect regions smaller than this are left out of masks and 'regions' (default 1)",
+    )
     serve.set_defaults(handler=run_serve)
 
 
@@ -53,5 +57,5 @@ def run_serve(args: argparse.Namespace) -> int:
         from metaad.deploy.serve import serve
     except ImportError as error:
         raise ValueError(f"metaad serve needs the 'serve' extra: pip install 'metaad[serve]' ({error})") from error
-    serve(args.run, args.host, args.port, args.device, args.category)
+    serve(args.run, args.host, args.port, args.device, args.category, args.min_region_area)
     return 0

@@ -22,6 +22,7 @@ from PIL import Image
 
 from metaad.data.datasets import DataError, open_image
 from metaad.data.transforms import pil_to_tensor
+from metaad.deploy.regions import Region, find_regions, without_small_regions
 from metaad.device import on_device
 from metaad.models.persistence import load_model
 from metaad.runs.layout import read_config, read_thresholds, run_image_size
@@ -42,6 +43,7 @@ class ImageResult:
     mask: np.ndarray | None  # bool predicted defect pixels (map > the run's pixel threshold)
     size: tuple[int, int]  # (width, height) of the image
     error: str | None = None  # why the image could not be scored
+    regions: list[Region] | None = None  # connected regions of ``mask`` (None without a pixel threshold)
 
 
 class Run:
@@ -53,8 +55,11 @@ class Run:
 
     def __init__(
         self, folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu",
-        category: str | None = None,
+        category: str | None = None, min_region_area: int = 1,
     ) -> None:
+        if min_region_area < 1:
+            raise ValueError(f"min_region_area must be at least 1 pixel, got {min_region_area}")
+        self.min_region_area = min_region_area
         self.folder = Path(folder)
         self.model = on_device(load_model(self.folder), device)
         self.config = read_config(self.folder)
@@ -173,24 +178,30 @@ class Run:
             yield self._result(source, pil.size, score, anomaly_map)
 
     def _result(self, source: str, size: tuple[int, int], score: float, anomaly_map: np.ndarray) -> ImageResult:
+        mask = None
+        if self.pixel_threshold is not None:  # regions below the minimum area are not defects
+            mask = without_small_regions(anomaly_map > self.pixel_threshold, self.min_region_area)
+        regions = None if mask is None else find_regions(mask, anomaly_map)
         return ImageResult(
             source,
             score,
             None if self.threshold is None else bool(score > self.threshold),
             self.normalize(score),
             anomaly_map,
-            None if self.pixel_threshold is None else anomaly_map > self.pixel_threshold,
+            mask,
             size,
+            regions=regions,
         )
 
 
 def load_run(
     folder: str | Path, threshold: float | None = None, image_size: int | None = None, device: str = "cpu",
-    category: str | None = None,
+    category: str | None = None, min_region_area: int = 1,
 ) -> Run:
     """Load a run folder written by ``metaad fit`` (``threshold`` overrides its calibrated one; ``device``:
-    cpu, cuda or auto, where the model runs; ``category``: whose thresholds decide, in a unified run)."""
-    return Run(folder, threshold, image_size, device, category)
+    cpu, cuda or auto, where the model runs; ``category``: whose thresholds decide, in a unified run;
+    ``min_region_area``: predicted defect regions smaller than this many pixels are dropped from the mask)."""
+    return Run(folder, threshold, image_size, device, category, min_region_area)
 
 
 def to_pil(item: Any, source: str = "image") -> Image.Image:

@@ -18,7 +18,8 @@ from metaad.deploy.inference import ImageResult, Run, to_pil
 from metaad.io import atomic_write
 from metaad.runs.report import map_scale, save_overlay
 
-CSV_COLUMNS = ["path", "name", "score", "normalized_score", "decision", "threshold", "error"]
+CSV_COLUMNS = ["path", "name", "score", "normalized_score", "decision", "threshold", "n_regions", "error"]
+REGION_COLUMNS = ["path", "name", "region", "area", "x", "y", "width", "height", "peak"]
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PredictSummary:
     threshold: float | None = None
     note: str | None = None  # e.g. which threshold decided in a run of several categories
     csv: Path | None = None
+    regions_csv: Path | None = None  # one row per predicted defect region (runs with a pixel threshold)
     folders: dict[str, Path] = field(default_factory=dict)
 
 
@@ -47,18 +49,22 @@ def predict_images(
     progress: bool = True,
     device: str = "cpu",
     category: str | None = None,
+    min_region_area: int = 1,
 ) -> PredictSummary:
     """Write ``predictions.csv`` (one row per image: score, normalised score with the threshold at 0.5,
     decision, or the error that kept it from being scored), ``heatmaps/NAME.png`` (16-bit, one colour scale
     for all, see :func:`~metaad.runs.report.map_scale`), ``masks/NAME.png`` (predicted defect pixels, when
-    the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size."""
+    the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size; and ``regions.csv``,
+    one row per connected region of a predicted mask (area in pixels, bounding box, peak map value; regions under
+    ``min_region_area`` pixels are dropped from the masks)."""
     out = Path(out)
     if not isinstance(run, Run):
-        run = Run(run, threshold, image_size, device, category)
+        run = Run(run, threshold, image_size, device, category, min_region_area)
     elif category is not None:
         run = run.with_category(category)
     summary = PredictSummary(threshold=run.threshold, note=run.note, csv=out / "predictions.csv")
     rows: list[dict] = []
+    region_rows: list[dict] = []
     names: set[str] = set()
     scale = None
     if run.pixel_threshold is not None and "map_low" in run.thresholds:
@@ -74,10 +80,16 @@ def predict_images(
             continue
         summary.n_scored += 1
         summary.n_anomalous += bool(result.anomalous)
+        for number, region in enumerate(result.regions or [], start=1):
+            region_rows.append({"path": result.source, "name": stem, "region": number, **region.as_dict(),
+                                "peak": f"{region.peak:.6g}"})
         if scale is None:  # a run without a pixel threshold: the first image's map sets the scale
             scale = map_scale(result.map)
         _save_outputs(out, stem, result, scale, run, summary)
-    _write_csv(out / "predictions.csv", rows, run.threshold)
+    _write_csv(out / "predictions.csv", rows, CSV_COLUMNS)
+    if run.pixel_threshold is not None:
+        summary.regions_csv = out / "regions.csv"
+        _write_csv(summary.regions_csv, region_rows, REGION_COLUMNS)
     return summary
 
 
@@ -113,13 +125,14 @@ def _row(result: ImageResult, stem: str, threshold: float | None) -> dict:
         "normalized_score": "" if result.normalized_score is None else f"{result.normalized_score:.6g}",
         "decision": "error" if result.error else decision,
         "threshold": "" if threshold is None else f"{threshold:.6g}",
+        "n_regions": "" if result.regions is None else len(result.regions),
         "error": result.error or "",
     }
 
 
-def _write_csv(path: Path, rows: list[dict], threshold: float | None) -> None:
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     table = io.StringIO()
-    writer = csv.DictWriter(table, CSV_COLUMNS, lineterminator="\n")  # quotes paths that contain commas
+    writer = csv.DictWriter(table, columns, lineterminator="\n")  # quotes paths that contain commas
     writer.writeheader()
     writer.writerows(rows)
     text = table.getvalue()

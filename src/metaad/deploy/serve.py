@@ -34,6 +34,15 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # decoded size limit: a small file can hold a huge image (decompression bomb)
 
 
+class RegionInfo(BaseModel):
+    area: int  # pixels
+    x: int  # bounding box in the image's pixels: left, top, width, height
+    y: int
+    width: int
+    height: int
+    peak: float  # highest anomaly-map value inside
+
+
 class Prediction(BaseModel):
     score: float
     decision: str | None  # "anomalous" or "good"; None when the run has no threshold
@@ -45,6 +54,7 @@ class Prediction(BaseModel):
     width: int
     height: int
     milliseconds: float
+    regions: list[RegionInfo] | None = None  # predicted defect regions (None: the run has no pixel threshold)
     heatmap_range: list[float] | None = None  # map values at the colour scale's ends
     heatmap: str | None = None  # base64 PNG, jet colours, the image's size
     overlay: str | None = None  # base64 PNG, heat map laid over the image
@@ -62,11 +72,11 @@ class ModelInfo(BaseModel):
 
 
 def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               category: str | None = None) -> FastAPI:
+               category: str | None = None, min_region_area: int = 1) -> FastAPI:
     """The service for run folder ``run`` (model loaded now, once). ``category``: whose thresholds decide
     by default in a run of several categories (a request's ``category`` form field picks another)."""
     run = Path(run)
-    loaded = Run(run, device=device, category=category)
+    loaded = Run(run, device=device, category=category, min_region_area=min_region_area)
     target = select_device(device)
     metrics = read_metrics(run)
     info = ModelInfo(
@@ -135,6 +145,7 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
             normalized_score=result.normalized_score,
             category=deciding.category if deciding.thresholds is not deciding.run_thresholds else None,
             note=deciding.note,
+            regions=None if result.regions is None else [RegionInfo(**r.as_dict()) for r in result.regions],
             width=result.size[0],
             height=result.size[1],
             milliseconds=1000 * (time.perf_counter() - tic),
@@ -199,8 +210,9 @@ def png_base64(pixels: np.ndarray) -> str:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          category: str | None = None) -> None:
+          category: str | None = None, min_region_area: int = 1) -> None:
     """Run the service until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(run, device, category=category), host=host, port=port, log_level="info")
+    app = create_app(run, device, category=category, min_region_area=min_region_area)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -143,3 +143,46 @@ def test_k_shot_draws_depend_on_shots_seed_and_are_recorded(synthetic_root, tmp_
     assert first["n_train"] == second["n_train"] == 3
     banks = [weights["memory_bank"] for weights in (default_weights, first_weights, second_weights)]
     assert not torch.equal(banks[1], banks[2]) and not torch.equal(banks[0], banks[1])
+
+
+@pytest.mark.parametrize("target", ["miss-rate=0", "false-alarm-rate=0"])
+def test_a_threshold_set_from_labelled_images_is_used_by_predict(synthetic_root, tmp_path, target):
+    import subprocess
+    import sys
+
+    def metaad(*args):
+        result = subprocess.run([sys.executable, "-m", "metaad.cli.main", *map(str, args)], capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    run = tmp_path / "run"
+    metaad("fit", "--model", "patchcore", "--preset", "tiny", "--data", synthetic_root, "--category", "weave",
+           "--out", run, "--image-size", "64", "--quiet", "--threads", "1")
+    calibrated = json.loads((run / "threshold.json").read_text())["threshold"]
+    result = metaad("test", "--run", run, "--set-threshold", target, "--no-progress", "--threads", "1")
+    thresholds = json.loads((run / "threshold.json").read_text())
+    assert thresholds["calibrated_threshold"] == calibrated and "threshold set to" in result.stdout
+    with open(run / "test" / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    decisions = {(int(r["label"]), r["decision"]) for r in rows}
+    if target == "miss-rate=0":  # every defective image above it: the report decides with it
+        assert (1, "good") not in decisions and thresholds["set_from_labelled"]["misses"] == 0
+    else:  # no good image above it
+        assert (0, "anomalous") not in decisions and thresholds["set_from_labelled"]["false_alarms"] == 0
+    assert thresholds["threshold"] != calibrated
+    metaad("predict", "--run", run, synthetic_root / "weave" / "test" / "good", "--out", tmp_path / "p",
+           "--no-progress", "--threads", "1")
+    with open(tmp_path / "p" / "predictions.csv", newline="") as handle:
+        used = [float(r["threshold"]) for r in csv.DictReader(handle)]
+    assert used and all(u == pytest.approx(thresholds["threshold"], rel=1e-5) for u in used)
+
+
+def test_a_malformed_threshold_target_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "metaad.cli.main", "test", "--run", str(tmp_path),
+                             "--set-threshold", "miss=0.1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expected miss-rate=R or false-alarm-rate=R" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -62,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_data_args(test, data_help="data root (default: the data the run was fitted on, from RUN/config.json)")
     test.add_argument("--out", default=None, help="report folder (default: RUN/test)")
     test.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
+    test.add_argument(
+        "--set-threshold", default=None, metavar="miss-rate=R|false-alarm-rate=R",
+        help="set the run's image threshold from these labelled images for a target miss or false-alarm rate "
+        "and write it into RUN/threshold.json (predict, export and serve then use it)",
+    )
     _add_output_args(test)
     test.set_defaults(handler=run_test)
 
@@ -343,6 +348,10 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     check_data_flags(args)
+    if args.set_threshold is not None:
+        from metaad.runs.calibration import parse_target
+
+        parse_target(args.set_threshold)  # a malformed target answers before the model loads
     from metaad.runs.fit import test_run
     from metaad.runs.layout import TEST_DIR, read_config
 
@@ -357,9 +366,15 @@ def run_test(args: argparse.Namespace) -> int:
         on_error="skip" if _setting(args, "skip_bad_files", recorded) else "raise",
         progress=not (args.quiet or args.no_progress),
         device=args.device,
+        set_threshold=args.set_threshold,
     )
     if not args.quiet:
         _print_evaluation(metrics, out, "report folder")
+        if args.set_threshold:
+            chosen = metrics["threshold_set"]
+            print(f"threshold set to {chosen['threshold']:.6g} for {chosen['target']} ({chosen['misses']} of "
+                  f"{chosen['n_defective']} defective missed, {chosen['false_alarms']} of {chosen['n_good']} good "
+                  f"flagged on these images); written to {Path(args.run) / 'threshold.json'}")
     return 0
 
 

@@ -55,3 +55,50 @@ def unified_threshold_record(calibration, false_alarm_rate: float) -> dict[str, 
         )
     record["method"] += "; per category under 'categories', the global one where no category is named"
     return record
+
+
+TARGETS = ("miss-rate", "false-alarm-rate")
+
+
+def parse_target(spec: str) -> tuple[str, float]:
+    """``"miss-rate=0.01"`` or ``"false-alarm-rate=0.05"`` as (kind, rate), or a clear error."""
+    kind, sep, value = spec.partition("=")
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = float("nan")
+    if not sep or kind not in TARGETS or not 0 <= rate < 1:
+        raise ValueError(f"--set-threshold {spec!r}: expected miss-rate=R or false-alarm-rate=R with 0 <= R < 1")
+    return kind, rate
+
+
+def threshold_for_target(labels: np.ndarray, scores: np.ndarray, kind: str, rate: float) -> dict[str, Any]:
+    """The image threshold (anomalous when score > threshold) that meets a target on labelled images: at most
+    ``rate`` of the defective images at or below it ("miss-rate": the highest such threshold, so the fewest
+    false alarms), or at most ``rate`` of the good ones above it ("false-alarm-rate": the lowest such, so the
+    fewest misses); with the counts it gives on those images."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    # in the scores' own precision: a float32 score compared with the threshold (NumPy compares a float32 with a
+    # Python float in float32) must land on the same side as in float64
+    defective, good = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+    if kind == "miss-rate":
+        if defective.size == 0:
+            raise ValueError("a miss-rate threshold needs defective images in the labelled split")
+        allowed = int(np.floor(rate * defective.size))
+        below = np.nextafter(defective[allowed], np.array(-np.inf, dtype=defective.dtype))
+        threshold = float(below)  # the allowed misses lie at or below it
+    else:
+        if good.size == 0:
+            raise ValueError("a false-alarm-rate threshold needs defect-free images in the labelled split")
+        allowed = int(np.floor(rate * good.size))
+        threshold = float(good[good.size - allowed - 1])
+    misses, alarms = int(np.sum(defective <= threshold)), int(np.sum(good > threshold))
+    return {
+        "threshold": threshold,
+        "target": f"{kind}={rate:g}",
+        "n_defective": int(defective.size), "n_good": int(good.size),
+        "misses": misses, "false_alarms": alarms,
+        "miss_rate": misses / max(defective.size, 1), "false_alarm_rate_on_labelled": alarms / max(good.size, 1),
+    }

@@ -25,7 +25,7 @@ from metaad.io import write_json
 from metaad.models import create_model, get_config, registered_name
 from metaad.models.persistence import load_model, save_model
 from metaad.runs import layout
-from metaad.runs.calibration import unified_threshold_record
+from metaad.runs.calibration import parse_target, threshold_for_target, unified_threshold_record
 from metaad.runs.evaluation import (
     add_category_metrics,
     add_threshold_outcome,
@@ -144,8 +144,15 @@ def test_run(
     on_error: str = "raise",
     progress: bool = True,
     device: str = "cpu",
+    set_threshold: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a fitted run folder on ``data``'s test split; the report goes to ``out`` (default RUN/test)."""
+    """Evaluate a fitted run folder on ``data``'s test split; the report goes to ``out`` (default RUN/test).
+
+    ``set_threshold`` ("miss-rate=R" or "false-alarm-rate=R") sets the run's image threshold from these
+    labelled images instead (each category's own in a run of several) and writes it into the run's
+    ``threshold.json``, so that ``predict``, ``export`` and ``serve`` use it; the calibrated one is kept
+    there as ``calibrated_threshold``."""
+    target = parse_target(set_threshold) if set_threshold is not None else None
     out = Path(out) if out is not None else Path(run) / layout.TEST_DIR
     layout.check_out_folder(out, "a report")
     model = on_device(load_model(run), device)
@@ -154,6 +161,9 @@ def test_run(
     metrics = compute_metrics(predictions)
     metrics["ms_per_image"] = predictions.ms_per_image
     thresholds = layout.read_thresholds(run)
+    if target is not None:
+        thresholds = set_target_threshold(run, thresholds, predictions, *target)
+        metrics["threshold_set"] = thresholds["set_from_labelled"]
     add_threshold_outcome(metrics, predictions, image_thresholds(predictions, thresholds))
     add_category_metrics(metrics, predictions, thresholds)
     threshold, pixel_threshold = thresholds.get("threshold"), thresholds.get("pixel_threshold")
@@ -162,6 +172,30 @@ def test_run(
 
 
 test_run.__test__ = False  # a library function, not a pytest test
+
+
+def set_target_threshold(run: str | Path, thresholds: dict, predictions, kind: str, rate: float) -> dict:
+    """``threshold.json`` of ``run`` with its image threshold(s) set for a target on labelled predictions
+    (:func:`metaad.runs.calibration.threshold_for_target`), written back atomically and returned."""
+    updated = dict(thresholds)
+    chosen = threshold_for_target(predictions.labels, predictions.scores, kind, rate)
+    updated.setdefault("calibrated_threshold", thresholds.get("threshold"))
+    updated["threshold"] = chosen["threshold"]
+    updated["set_from_labelled"] = chosen
+    updated["method"] = f"set on {len(predictions.labels)} labelled images for {chosen['target']} (metaad test)"
+    groups = predictions.by_category()
+    if thresholds.get("categories") and groups:
+        categories = {}
+        for name, record in thresholds["categories"].items():
+            record = dict(record)
+            if name in groups:
+                own = threshold_for_target(groups[name].labels, groups[name].scores, kind, rate)
+                record.setdefault("calibrated_threshold", record.get("threshold"))
+                record.update(threshold=own["threshold"], set_from_labelled=own)
+            categories[name] = record
+        updated["categories"] = categories
+    write_json(Path(run) / layout.THRESHOLD_FILE, updated)
+    return updated
 
 
 def benchmark(

@@ -186,3 +186,21 @@ def test_a_malformed_threshold_target_is_a_one_line_error(tmp_path):
                              "--set-threshold", "miss=0.1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "expected miss-rate=R or false-alarm-rate=R" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fit_prints_its_counts_and_threshold_and_warns_when_calibration_is_too_small(synthetic_root, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "metaad.cli.main", "fit", "--model", "patchcore", "--preset", "tiny", "--data",
+         str(synthetic_root), "--category", "weave", "--out", str(tmp_path / "run"), "--image-size", "64",
+         "--no-progress", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    thresholds = json.loads((tmp_path / "run" / "threshold.json").read_text())
+    assert thresholds["n_calibration_images"] == 2  # 10 % of 16
+    assert "metaad: warning: the threshold comes from 2 held-out good images" in result.stderr
+    lines = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in result.stdout.splitlines()
+             if ":" in line}
+    assert lines["n_train"] == "14" and lines["n_calibration_images"] == "2"
+    assert float(lines["threshold"]) == pytest.approx(thresholds["threshold"], rel=1e-3)

@@ -8,15 +8,17 @@ was not evaluated (``evaluation_skipped``).
 
 from __future__ import annotations
 
+import math
 import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
 
-from metaad.data.datasets import AnomalyDataset
+from metaad.data.datasets import AnomalyDataset, DataWarning
 from metaad.data.source import DataSpec, run_split
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
@@ -116,6 +118,15 @@ def fit_and_evaluate(
         calibration = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
         thresholds = unified_threshold_record(calibration, false_alarm_rate)
         write_json(out / layout.THRESHOLD_FILE, thresholds)
+        needed = math.ceil(1 / false_alarm_rate) if false_alarm_rate > 0 else 0
+        if len(calibration.scores) < needed:
+            warnings.warn(
+                f"the threshold comes from {len(calibration.scores)} held-out good images: the "
+                f"{1 - false_alarm_rate:.0%} quantile of so few scores is their maximum, not a {false_alarm_rate:g} "
+                f"false-alarm rate (that needs {needed} or more); hold out more with --calibration-fraction, or set "
+                "the threshold on labelled images with 'metaad test --set-threshold'",
+                DataWarning, stacklevel=2,
+            )
     predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
     metrics = compute_metrics(predictions)
     if "evaluation_skipped" not in metrics:  # else its images set the threshold
@@ -128,6 +139,10 @@ def fit_and_evaluate(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     metrics["fitted"] = fitted.fit_summary()  # decisions the fit took from the data, e.g. PatchCore's standardisation
+    metrics["n_train"] = len(train_set)
+    if thresholds:
+        metrics["threshold"] = thresholds["threshold"]
+        metrics["n_calibration_images"] = thresholds["n_calibration_images"]
     write_report(
         out, predictions, metrics, thresholds.get("threshold"), pixel_threshold=thresholds.get("pixel_threshold")
     )

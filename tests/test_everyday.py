@@ -125,8 +125,21 @@ def test_predict_scores_a_folder_reports_bad_files_and_leaves_out_masks(good_run
     assert Image.open(out / "heatmaps" / "wide.png").size == (96, 48)
     assert Image.open(out / "masks" / "wide.png").size == (96, 48)
     assert Image.open(out / "heatmaps" / "part_1.png").size == (64, 64)
-    width, height = Image.open(out / "overlays" / "wide.png").size
-    assert width > 2 * height
+    assert Image.open(out / "overlays" / "wide.png").size == (96, 48)  # the overlay at the image's own size
+    assert not (out / "figures").exists()  # the two-panel figure only when asked for
+    assert "images/s end to end" in result.stdout
+
+
+def test_predict_writes_only_the_outputs_asked_for(good_run, folders, tmp_path):
+    run, _ = good_run
+    out = tmp_path / "chosen"
+    ok(cli("predict", "--run", run, folders / "incoming", "--out", out, "--no-progress", "--outputs", "figures"))
+    assert (out / "predictions.csv").is_file() and (out / "figures" / "wide.png").is_file()
+    assert not (out / "heatmaps").exists() and not (out / "overlays").exists() and not (out / "masks").exists()
+    width, height = Image.open(out / "figures" / "wide.png").size
+    assert width > 2 * height  # the image beside its overlay, with a colour bar
+    wrong = cli("predict", "--run", run, folders / "incoming", "--out", out, "--outputs", "csv,pictures")
+    assert wrong.returncode == 2 and "expected a comma-separated choice of" in wrong.stderr
 
 
 def test_predict_fails_only_when_nothing_could_be_scored(good_run, folders, tmp_path, capsys):

@@ -178,3 +178,28 @@ def test_serve_answers_with_regions(unified_run, two_categories):
     assert isinstance(answer["regions"], list)
     for region in answer["regions"]:
         assert set(region) == {"area", "x", "y", "width", "height", "peak"} and region["area"] >= 1
+
+
+def test_serve_draws_the_overlay_predict_writes(unified_run, two_categories, tmp_path):
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from metaad.deploy.serve import create_app
+
+    defective = next(p for p in sorted((two_categories / "weave" / "test").iterdir()) if p.name != "good")
+    path = sorted(defective.iterdir())[0]
+    subprocess.run([sys.executable, "-m", "metaad.cli.main", "predict", "--run", str(unified_run), str(path),
+                    "--out", str(tmp_path / "p"), "--category", "weave", "--quiet", "--threads", "1"],
+                   check=True, timeout=600)
+    answer = TestClient(create_app(unified_run)).post(
+        "/predict", params={"overlay": "true", "mask": "true"}, files={"image": ("a.png", path.read_bytes())},
+        data={"category": "weave"}).json()
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["overlay"]))))
+    written = np.asarray(Image.open(tmp_path / "p" / "overlays" / f"{path.stem}.png"))
+    assert served.shape == written.shape and np.abs(served.astype(int) - written.astype(int)).max() <= 1
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+    assert np.array_equal(mask > 0, np.asarray(Image.open(tmp_path / "p" / "masks" / f"{path.stem}.png")) > 0)

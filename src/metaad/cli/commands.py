@@ -98,6 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a run of several categories: whose threshold decides (default: the global one, with a note)",
     )
     predict.add_argument(
+        "--outputs", default=None, metavar="LIST",
+        help="what to write besides predictions.csv: a comma-separated choice of maps, masks, overlays, figures "
+        "(default maps,masks,overlays; figures: the image beside its overlay with a colour bar)",
+    )
+    predict.add_argument(
         "--min-region-area", type=int, default=1, metavar="PIXELS",
         help="predicted defect regions smaller than this are dropped from masks and regions.csv (default 1)",
     )
@@ -379,6 +384,9 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from metaad.deploy.outputs import parse_outputs
+
+    parse_outputs(args.outputs)  # a wrong list answers before torch loads
     from metaad.data.source import expand_inputs
     from metaad.deploy.predict import predict_images
     from metaad.runs.layout import check_out_folder
@@ -397,7 +405,7 @@ def run_predict(args: argparse.Namespace) -> int:
     summary = predict_images(
         args.run, files, out, args.threshold, args.image_size, args.batch_size, args.tile, args.tile_overlap,
         progress=not (quiet or args.no_progress), device=args.device, category=args.category,
-        min_region_area=args.min_region_area,
+        min_region_area=args.min_region_area, outputs=args.outputs,
     )
     for path, error in summary.errors:
         print(f"metaad predict: could not score {error if str(path) in error else f'{path}: {error}'}", file=sys.stderr)
@@ -417,7 +425,8 @@ def _print_predict_summary(summary) -> None:
             f"{summary.n_anomalous} anomalous, {summary.n_scored - summary.n_anomalous} good "
             f"at threshold {summary.threshold:.4g}"
         )
-    print(f"scored {summary.n_scored} of {summary.n_images} images: {decided}")
+    print(f"scored {summary.n_scored} of {summary.n_images} images: {decided} "
+          f"({summary.images_per_second:.3g} images/s end to end)")
     if summary.note:
         print(f"note: {summary.note}")
     if summary.errors:

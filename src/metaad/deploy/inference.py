@@ -105,6 +105,15 @@ class Run:
             f"threshold={self.threshold}, image_size={self.image_size})"
         )
 
+    def colour_scale(self) -> tuple[float, float] | None:
+        """The heat maps' one colour scale: from the held-out good maps' 1st percentile to twice the distance
+        to the pixel threshold (the threshold in the middle); None for a run without a pixel threshold."""
+        from metaad.runs.report import map_scale
+
+        if self.pixel_threshold is None or "map_low" not in self.thresholds:
+            return None
+        return map_scale(np.array([self.thresholds["map_low"]]), self.pixel_threshold)
+
     def normalize(self, score: float) -> float | None:
         """``score`` on a scale where the threshold is 0.5: linear, the lowest held-out good score at 0 and as
         far above the threshold at 1. Not clipped, so it keeps the order of the raw scores beyond both ends (a

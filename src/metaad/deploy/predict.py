@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from metaad.deploy.inference import ImageResult, Run, to_pil
+from metaad.deploy.outputs import parse_outputs
+from metaad.deploy.rendering import overlay
 from metaad.io import atomic_write
 from metaad.runs.report import map_scale, save_overlay
 
@@ -35,8 +40,14 @@ class PredictSummary:
     csv: Path | None = None
     regions_csv: Path | None = None  # one row per predicted defect region (runs with a pixel threshold)
     folders: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0  # end to end: decoding, scoring and writing
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_images / self.seconds if self.seconds > 0 else 0.0
 
 
+FIGURE_LOCK = threading.Lock()
 def predict_images(
     run: str | Path | Run,
     paths: list[Path],
@@ -50,14 +61,25 @@ def predict_images(
     device: str = "cpu",
     category: str | None = None,
     min_region_area: int = 1,
+    outputs: str | tuple[str, ...] | None = None,
+    writers: int = 4,
 ) -> PredictSummary:
-    """Write ``predictions.csv`` (one row per image: score, normalised score with the threshold at 0.5,
-    decision, or the error that kept it from being scored), ``heatmaps/NAME.png`` (16-bit, one colour scale
-    for all, see :func:`~metaad.runs.report.map_scale`), ``masks/NAME.png`` (predicted defect pixels, when
-    the run has a pixel threshold) and ``overlays/NAME.png``, each at the image's own size; and ``regions.csv``,
-    one row per connected region of a predicted mask (area in pixels, bounding box, peak map value; regions under
-    ``min_region_area`` pixels are dropped from the masks)."""
+    """Score ``paths`` with ``run`` and write what ``outputs`` asks for (default csv, maps, masks, overlays):
+
+    - ``predictions.csv``: one row per image (score, normalised score with the threshold at 0.5, decision,
+      threshold, number of predicted defect regions, or the error that kept it from being scored), and
+      ``regions.csv``: one row per connected region of a predicted mask (area, bounding box, peak map value;
+      regions under ``min_region_area`` pixels are dropped from the masks), when the run has a pixel threshold;
+    - ``maps``: ``heatmaps/NAME.png``, 16-bit, one colour scale for all (``Run.colour_scale``);
+    - ``masks``: ``masks/NAME.png``, the predicted defect pixels (runs with a pixel threshold);
+    - ``overlays``: ``overlays/NAME.png`` at the image's own size, the heat map blended in and the predicted
+      defect outlined in white (``metaad.deploy.rendering``, what ``serve`` draws too);
+    - ``figures``: ``figures/NAME.png``, the image beside its overlay with a colour bar and the threshold marked.
+
+    Images are written by ``writers`` threads while the model scores the next batch; the summary counts the
+    images per second end to end."""
     out = Path(out)
+    chosen = parse_outputs(outputs)
     if not isinstance(run, Run):
         run = Run(run, threshold, image_size, device, category, min_region_area)
     elif category is not None:
@@ -66,54 +88,74 @@ def predict_images(
     rows: list[dict] = []
     region_rows: list[dict] = []
     names: set[str] = set()
-    scale = None
-    if run.pixel_threshold is not None and "map_low" in run.thresholds:
-        scale = map_scale(np.array([run.thresholds["map_low"]]), run.pixel_threshold)
-    results = run.iter_predict(paths, tile, tile_overlap, batch_size, on_error="report")
-    for result in tqdm(results, total=len(paths), desc="predict", unit="image", disable=not progress):
-        stem = _unique_stem(Path(result.source), names)
-        names.add(stem)
-        summary.n_images += 1
-        rows.append(_row(result, stem, run.threshold))
-        if result.error is not None:
-            summary.errors.append((result.source, result.error))
-            continue
-        summary.n_scored += 1
-        summary.n_anomalous += bool(result.anomalous)
-        for number, region in enumerate(result.regions or [], start=1):
-            region_rows.append({"path": result.source, "name": stem, "region": number, **region.as_dict(),
-                                "peak": f"{region.peak:.6g}"})
-        if scale is None:  # a run without a pixel threshold: the first image's map sets the scale
-            scale = map_scale(result.map)
-        _save_outputs(out, stem, result, scale, run, summary)
+    scale = run.colour_scale()
+    tic = time.perf_counter()
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=max(1, writers)) as pool:
+        results = run.iter_predict(paths, tile, tile_overlap, batch_size, on_error="report")
+        for result in tqdm(results, total=len(paths), desc="predict", unit="image", disable=not progress):
+            stem = _unique_stem(Path(result.source), names)
+            names.add(stem)
+            summary.n_images += 1
+            rows.append(_row(result, stem, run.threshold))
+            if result.error is not None:
+                summary.errors.append((result.source, result.error))
+                continue
+            summary.n_scored += 1
+            summary.n_anomalous += bool(result.anomalous)
+            for number, region in enumerate(result.regions or [], start=1):
+                region_rows.append({"path": result.source, "name": stem, "region": number, **region.as_dict(),
+                                    "peak": f"{region.peak:.6g}"})
+            if scale is None:  # a run without a pixel threshold: the first image's map sets the scale
+                scale = map_scale(result.map)
+            pending.append(pool.submit(_save_outputs, out, stem, result, scale, run, summary, chosen))
+            while len(pending) > 4 * max(1, writers):  # bounded: results wait in memory until written
+                pending.pop(0).result()  # a failed write raises here
+            still = []
+            for future in pending:
+                if future.done():
+                    future.result()
+                else:
+                    still.append(future)
+            pending = still
+        for future in pending:
+            future.result()
     _write_csv(out / "predictions.csv", rows, CSV_COLUMNS)
     if run.pixel_threshold is not None:
         summary.regions_csv = out / "regions.csv"
         _write_csv(summary.regions_csv, region_rows, REGION_COLUMNS)
+    summary.seconds = time.perf_counter() - tic
     return summary
 
 
 def _save_outputs(
-    out: Path, stem: str, result: ImageResult, scale: tuple[float, float], run: Run, summary: PredictSummary
+    out: Path, stem: str, result: ImageResult, scale: tuple[float, float], run: Run, summary: PredictSummary,
+    outputs: tuple[str, ...],
 ) -> None:
-    summary.folders["heatmaps"] = out / "heatmaps"
-    _save_heatmap(out / "heatmaps" / f"{stem}.png", result.map, scale)
-    if result.mask is not None:
+    if "maps" in outputs:
+        summary.folders["heatmaps"] = out / "heatmaps"
+        _save_heatmap(out / "heatmaps" / f"{stem}.png", result.map, scale)
+    if "masks" in outputs and result.mask is not None:
         summary.folders["masks"] = out / "masks"
         mask = Image.fromarray(result.mask.astype(np.uint8) * 255)
         atomic_write(out / "masks" / f"{stem}.png", lambda tmp: mask.save(tmp, format="PNG"))
-    decision = "" if result.anomalous is None else (" anomalous" if result.anomalous else " good")
-    threshold = "" if run.threshold is None else f" (threshold {run.threshold:.3g})"
-    summary.folders["overlays"] = out / "overlays"
-    save_overlay(
-        out / "overlays" / f"{stem}.png",
-        np.asarray(to_pil(result.source).convert("RGB")),
-        result.map,
-        scale,
-        title=f"{Path(result.source).name}: score {result.score:.3g}{threshold}{decision}",
-        predicted=result.mask,
-        pixel_threshold=run.pixel_threshold,
-    )
+    if "overlays" not in outputs and "figures" not in outputs:
+        return
+    image = np.asarray(to_pil(result.source).convert("RGB"))
+    if "overlays" in outputs:
+        summary.folders["overlays"] = out / "overlays"
+        pixels = Image.fromarray(overlay(image, result.map, scale, result.mask))
+        atomic_write(out / "overlays" / f"{stem}.png", lambda tmp: pixels.save(tmp, format="PNG"))
+    if "figures" in outputs:
+        decision = "" if result.anomalous is None else (" anomalous" if result.anomalous else " good")
+        threshold = "" if run.threshold is None else f" (threshold {run.threshold:.4g})"
+        summary.folders["figures"] = out / "figures"
+        with FIGURE_LOCK:  # pyplot is not thread-safe
+            save_overlay(
+                out / "figures" / f"{stem}.png", image, result.map, scale,
+                title=f"{Path(result.source).name}: score {result.score:.4g}{threshold}{decision}",
+                predicted=result.mask, pixel_threshold=run.pixel_threshold,
+            )
 
 
 def _row(result: ImageResult, stem: str, threshold: float | None) -> dict:

@@ -24,11 +24,13 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from metaad import runtime
-from metaad.data.transforms import pil_to_tensor
 from metaad.deploy.api_page import api_page
 from metaad.deploy.inference import Run
+from metaad.deploy.rendering import heat_colours
+from metaad.deploy.rendering import overlay as draw_overlay
 from metaad.device import select_device
 from metaad.runs.layout import read_metrics
+from metaad.runs.report import map_scale
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # decoded size limit: a small file can hold a huge image (decompression bomb)
@@ -57,6 +59,7 @@ class Prediction(BaseModel):
     regions: list[RegionInfo] | None = None  # predicted defect regions (None: the run has no pixel threshold)
     heatmap_range: list[float] | None = None  # map values at the colour scale's ends
     heatmap: str | None = None  # base64 PNG, jet colours, the image's size
+    mask: str | None = None  # base64 PNG, predicted defect pixels white (runs with a pixel threshold)
     overlay: str | None = None  # base64 PNG, heat map laid over the image
 
 
@@ -123,7 +126,9 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
     def predict(
         image: Annotated[UploadFile, File(description="an image file: PNG, JPEG, BMP, TIFF, ...")],
         heatmap: Annotated[bool, Query(description="include the heat map (base64 PNG)")] = False,
-        overlay: Annotated[bool, Query(description="include the heat map over the image (base64 PNG)")] = False,
+        overlay: Annotated[bool, Query(description="include the heat map over the image, the predicted defect "
+                                                   "outlined (base64 PNG, what 'metaad predict' writes)")] = False,
+        mask: Annotated[bool, Query(description="include the predicted defect mask (base64 PNG)")] = False,
         category: Annotated[str | None, Form(description="whose threshold decides (a run of several categories)")]
         = None,
     ) -> Prediction:
@@ -150,15 +155,16 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
             height=result.size[1],
             milliseconds=1000 * (time.perf_counter() - tic),
         )
-        if heatmap or overlay:
-            low, high = heatmap_range(result.map, deciding.threshold)
-            colours = colour_map(result.map, low, high)
-            answer.heatmap_range = [low, high]
+        if heatmap or overlay:  # the one rendering path of metaad.deploy.rendering, predict's scale
+            scale = deciding.colour_scale() or map_scale(result.map)
+            answer.heatmap_range = list(scale)
             if heatmap:
-                answer.heatmap = png_base64(colours)
+                answer.heatmap = png_base64(heat_colours(result.map, scale))
             if overlay:
-                rgb = 255 * pil_to_tensor(pil, (result.size[1], result.size[0])).permute(1, 2, 0).numpy()
-                answer.overlay = png_base64((0.5 * rgb + 0.5 * colours).round().astype(np.uint8))
+                answer.overlay = png_base64(draw_overlay(np.asarray(pil.convert("RGB")), result.map, scale,
+                                                         result.mask))
+        if mask and result.mask is not None:
+            answer.mask = png_base64(result.mask.astype(np.uint8) * 255)
         return answer
 
     return app
@@ -185,22 +191,6 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise HTTPException(400, f"{name}: unreadable or truncated image ({error})") from error
     return handle.convert("RGB") if handle.mode == "P" else handle  # as metaad.data.datasets.open_image
-
-
-def heatmap_range(anomaly_map: np.ndarray, threshold: float | None) -> tuple[float, float]:
-    """Colour scale of one map: from its minimum to the image threshold (red = at or above the decision
-    threshold), or to its maximum without a threshold."""
-    low = float(anomaly_map.min())
-    high = float(threshold) if threshold is not None and threshold > low else float(anomaly_map.max())
-    return low, max(high, low + 1e-6)
-
-
-def colour_map(anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(H, W) map -> (H, W, 3) uint8 jet colours over [low, high]."""
-    from matplotlib import colormaps
-
-    scaled = np.clip((anomaly_map - low) / (high - low), 0.0, 1.0)
-    return (colormaps["jet"](scaled)[..., :3] * 255).round().astype(np.uint8)
 
 
 def png_base64(pixels: np.ndarray) -> str:

@@ -1,0 +1,40 @@
+"""What a person sees of one prediction, drawn once for ``predict`` and ``serve``: the heat map in colour and the
+overlay, the image at its own size with the heat map blended in and the predicted defect outlined."""
+
+from __future__ import annotations
+
+import numpy as np
+
+OUTLINE = (255, 255, 255)  # the predicted defect's outline
+
+
+def heat_colours(anomaly_map: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """(H, W) map -> (H, W, 3) uint8 jet colours over ``scale`` = (low, high)."""
+    from matplotlib import colormaps
+
+    low, high = scale
+    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return (colormaps["jet"](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The boundary pixels of a boolean mask (inside it, ``width`` pixels wide)."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return mask
+    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), iterations=width, border_value=0)
+    return mask & ~inner
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float],
+            predicted: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
+    """(H, W, 3) uint8: ``image`` (H, W, 3, at the map's size) blended with the heat map, the ``predicted``
+    defect's outline drawn in white (its width grows with the image: 1 px up to 512 px, then 2, ...)."""
+    if image.shape[:2] != anomaly_map.shape:
+        raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} must have the same size")
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat_colours(anomaly_map, scale)
+    pixels = blended.round().clip(0, 255).astype(np.uint8)
+    if predicted is not None and predicted.any() and not predicted.all():
+        pixels[outline(predicted, max(1, round(max(anomaly_map.shape) / 512)))] = OUTLINE
+    return pixels

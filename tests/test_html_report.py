@@ -127,3 +127,28 @@ def test_sections_of_hard_images_hold_what_their_titles_say(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<h2>Misses (defective images scored at or below the threshold)</h2><p>none</p>" in page
     assert "Worst misses" not in page
+
+
+def test_the_report_gives_counts_context_and_training_and_no_empty_papers_column(tmp_path):
+    import json
+
+    from metaad.training.loop import plot_loss_curve
+
+    predictions = _predictions(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model": "fastflow", "preset": "cpu", "n_train": 40, "params": {"hidden_ratio": 4.0},
+         "data": {"format": "mvtec", "category": "cable"}, "metaad_version": "9.9", "date": "2026-12-03"}))
+    (tmp_path / "threshold.json").write_text(json.dumps(
+        {"threshold": 1.1, "pixel_threshold": 0.5, "n_calibration_images": 12}))
+    (tmp_path / "training").mkdir()
+    plot_loss_curve([{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}], tmp_path / "training" / "loss_curve.png")
+    write_report(tmp_path, predictions, {"image_auroc": 0.9}, threshold=1.1)
+    page = (tmp_path / "report.html").read_text()
+    flagged = predictions.scores > 1.1
+    escapes = int(np.sum((predictions.labels == 1) & ~flagged))
+    rejects = int(np.sum((predictions.labels == 0) & flagged))
+    assert f"{escapes} escapes" in page and f"{rejects} false rejects" in page
+    assert "<td>method</td><td>fastflow</td>" in page and "hidden_ratio=4.0" in page
+    assert "12 held-out good images" in page and "<td>trained on</td><td>40 images</td>" in page
+    assert "alt='training loss per epoch'" in page
+    assert "papers (same data set)" not in page  # no paper reports this data set

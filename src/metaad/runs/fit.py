@@ -22,6 +22,7 @@ from metaad.data.datasets import AnomalyDataset, DataWarning
 from metaad.data.source import DataSpec, run_split
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
+from metaad import runtime
 from metaad.device import on_device, select_device
 from metaad.io import write_json
 from metaad.models import create_model, get_config, registered_name
@@ -97,6 +98,8 @@ def fit_and_evaluate(
             "n_train": len(train_set),
             "n_test": len(test_set),
             "device": str(target),
+            "metaad_version": runtime.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         },
     )
     tic = time.perf_counter()

@@ -58,8 +58,11 @@ def write_html_report(
         f"<p class=sub>{html.escape(str(folder.resolve()))} · {len(predictions.paths)} test images "
         f"({int((predictions.labels == 1).sum())} defective) · data: {html.escape(dataset or 'unnamed')} · "
         f"threshold: {'none' if threshold is None else f'{threshold:.4g}'}</p>",
+        _context(folder, config),
         _metrics_table(metrics, dataset),
+        _confusion(predictions, threshold),
         _per_category(metrics),
+        _loss_curve(folder),
     ]
     if len(predictions.paths):
         parts += [
@@ -90,6 +93,7 @@ def _dataset_name(paths: list[str], config: dict) -> str | None:
 
 
 def _metrics_table(metrics: dict, dataset: str | None) -> str:
+    """The metrics; beside them the papers' figures on the same data set, a column only where a paper has one."""
     papers = PAPER_FIGURES.get(dataset or "", {})
     rows = []
     for key, label in METRIC_NAMES.items():
@@ -97,11 +101,57 @@ def _metrics_table(metrics: dict, dataset: str | None) -> str:
         if not isinstance(value, int | float) or not math.isfinite(value):
             continue
         cited = "; ".join(f"{html.escape(name)}: <b>{figure:.3f}</b>" for name, figure in papers.get(key, []))
-        rows.append(f"<tr><td>{label}</td><td class=num>{value:.4g}</td><td>{cited or '–'}</td></tr>")
+        rows.append(f"<tr><td>{label}</td><td class=num>{value:.4g}</td>"
+                    + (f"<td>{cited or '–'}</td>" if papers else "") + "</tr>")
+    header = "<th>metric</th><th>this run</th>" + ("<th>papers (same data set)</th>" if papers else "")
+    return f"<h2>Metrics</h2><table><tr>{header}</tr>" + "".join(rows) + "</table>"
+
+
+def _confusion(predictions: Predictions, threshold: float | None) -> str:
+    """The counts at the threshold: escapes (defective judged good) and false rejects (good judged defective)."""
+    if threshold is None or not len(predictions.labels):
+        return ""
+    flagged = predictions.scores > threshold
+    defective = predictions.labels == 1
+    cells = {(truth, decided): int(np.sum((defective == truth) & (flagged == decided)))
+             for truth in (True, False) for decided in (True, False)}
     return (
-        "<h2>Metrics</h2><table><tr><th>metric</th><th>this run</th><th>papers (same data set)</th></tr>"
-        + "".join(rows) + "</table>"
+        f"<h2>At the threshold ({threshold:.4g})</h2><table><tr><th></th><th>judged defective</th>"
+        "<th>judged good</th></tr>"
+        f"<tr><td>defective</td><td class=num>{cells[True, True]}</td><td class=num>{cells[True, False]} "
+        "escapes</td></tr>"
+        f"<tr><td>good</td><td class=num>{cells[False, True]} false rejects</td><td class=num>"
+        f"{cells[False, False]}</td></tr></table>"
     )
+
+
+def _context(folder: Path, config: dict) -> str:
+    """What produced the run: method, preset and settings, counts, thresholds, metaad version and date."""
+    if not config:
+        return ""
+    run = folder if (folder / "config.json").is_file() else folder.parent
+    thresholds = read_json(run / "threshold.json") if (run / "threshold.json").is_file() else {}
+    items = [("method", config.get("model")), ("preset", config.get("preset") or "the defaults"),
+             ("trained on", f"{config.get('n_train')} images" if config.get("n_train") is not None else None),
+             ("thresholds from", f"{thresholds['n_calibration_images']} held-out good images"
+              if "n_calibration_images" in thresholds else None),
+             ("image threshold", f"{thresholds['threshold']:.4g}" if "threshold" in thresholds else None),
+             ("pixel threshold", f"{thresholds['pixel_threshold']:.4g}" if "pixel_threshold" in thresholds else None),
+             ("metaad", config.get("metaad_version")), ("fitted", config.get("date"))]
+    settings = ", ".join(f"{k}={v}" for k, v in (config.get("params") or {}).items())
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items if v)
+    return (f"<h2>Run</h2><table>{rows}<tr><td>settings</td><td class=small>{html.escape(settings)}</td></tr>"
+            "</table>")
+
+
+def _loss_curve(folder: Path) -> str:
+    """A trained method's loss per epoch, inline ('' for a method that does not train)."""
+    run = folder if (folder / "training").is_dir() else folder.parent
+    curve = run / "training" / "loss_curve.png"
+    if not curve.is_file():
+        return ""
+    picture = base64.b64encode(curve.read_bytes()).decode("ascii")
+    return f"<h2>Training</h2><img src='data:image/png;base64,{picture}' alt='training loss per epoch'>"
 
 
 def _per_category(metrics: dict) -> str:
@@ -209,7 +259,7 @@ def _histogram(predictions: Predictions, threshold: float | None, bins: int = 30
         x = left + pw * (threshold - low) / (high - low)
         out.append(f"<line x1={x:.1f} x2={x:.1f} y1=12 y2={12 + ph} stroke='#000' stroke-width=2 "
                    "stroke-dasharray='5 3'/>")
-        out.append(f"<text x={x + 4:.1f} y=26>threshold {threshold:.3g}</text>")
+        out.append(f"<text x={x + 4:.1f} y=26>threshold {threshold:.4g}</text>")
     out.append(f"<text x={left} y={h - bottom + 16}>{low:.3g}</text>")
     out.append(f"<text x={left + pw} y={h - bottom + 16} text-anchor=end>{high:.3g}</text>")
     out.append(f"<text x={left + pw / 2} y={h - 4} text-anchor=middle>image score</text>")
@@ -316,6 +366,7 @@ h1 {{ margin: 0 0 4px; }} h2 {{ margin: 24px 0 8px; font-size: 18px; }}
 table {{ border-collapse: collapse; background: #fff; }}
 td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.small {{ font-size: 12px; max-width: 60em; word-break: break-word; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 16px; margin-top: 16px; }}
 figure {{ margin: 0; background: #fff; border: 1px solid #ddd; padding: 8px; }}
 figcaption {{ font-weight: 600; margin-bottom: 4px; }}

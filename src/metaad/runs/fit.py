@@ -18,11 +18,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
+from metaad import runtime
 from metaad.data.datasets import AnomalyDataset, DataWarning
 from metaad.data.source import DataSpec, run_split
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
-from metaad import runtime
 from metaad.device import on_device, select_device
 from metaad.io import write_json
 from metaad.models import create_model, get_config, registered_name

@@ -44,6 +44,7 @@ DEFAULT_RUNS = {
         "multiscale_patch": "mtd_multiscale_patch",  # standardize_images="auto"; the paper preset is an option
         "glance": "mtd_glance_validated",  # standardised descriptors, head lr = Global-Net's
         "metaformer": "mtd_kshot_metaformer_default_fo_feature",  # first-order universal model, feature map
+        "uniad": "mtd_uniad",
     },
     "synthetic": {
         "patchcore": "patchcore_synthetic_patch_size: patch_size=3",  # defaults ("auto": not standardising)
@@ -54,6 +55,7 @@ DEFAULT_RUNS = {
         "multiscale_patch": "multiscale_patch_synthetic",
         "glance": "glance_synthetic_validated",
         "metaformer": "metaformer_synthetic_default_fo_feature",
+        "uniad": "uniad_synthetic",
     },
     "kshot": {
         "patchcore": "mtd_kshot_patchcore_seeds0-1-2",
@@ -159,12 +161,37 @@ def synthetic_runs(records: list[dict]) -> list[Run]:
     for r in records:
         if not r.get("data", "").startswith("metaad synthetic data set, 128 px"):
             continue
+        if r.get("protocol", "").startswith("unified"):  # its own table: unified against separate
+            continue
         if "method" in r:
             runs.append(Run(r["name"], r, r["method"], r["mean"], options_of(r["command"])))
             continue
         for candidate, figures in r["mean"].items():
             runs.append(Run(f"{r['name']}: {candidate}", r, method_of(r), figures, ""))
     return runs
+
+
+def unified_table(records: list[dict], link: Callable[[str], str]) -> list[str]:
+    """Rows of methods with both a unified and a separate synthetic record of the same options (the unified
+    record's name ends ``_synthetic_unified[...]``, the separate one's is the same without ``_unified``)."""
+    by_name = {r["name"]: r for r in records}
+    rows = []
+    for name, record in sorted(by_name.items()):
+        if "_synthetic_unified" not in name or "mean" not in record:
+            continue
+        separate = by_name.get(name.replace("_synthetic_unified", "_synthetic"))
+        if separate is None or "mean" not in separate:
+            continue
+        cells = []
+        for key in ("image_auroc", "pixel_auroc", "pro"):
+            u, v = record["mean"].get(key), separate["mean"].get(key)
+            cells.append(f"[{score(u)}]({link(name)}) / [{score(v)}]({link(separate['name'])})")
+        gap = record["mean"]["image_auroc"] - separate["mean"]["image_auroc"]
+        rows.append(f"| {record.get('method', name)} | " + " | ".join(cells) + f" | {gap:+.4f} |")
+    if not rows:
+        return []
+    return ["| method | image AUROC unified / separate | pixel AUROC | PRO | unified − separate (image) |",
+            "|---|---|---|---|---|", *rows]
 
 
 def one_class_runs(records: list[dict]) -> list[Run]:
@@ -436,6 +463,17 @@ def render(records: list[dict], results_link: str = "results", notes: str = "") 
             "the records. PatchCore's records compare candidate settings inside one record.",
             "",
             *method_table("synthetic", runs, SYNTHETIC_COLUMNS, link),
+            "",
+        ]
+    unified = unified_table(records, link)
+    if unified:
+        lines += [
+            "## Unified against separate (one model for the six synthetic categories, or one per category)",
+            "",
+            "The same categories, test images and settings; means over the six categories. The unified protocol",
+            "fits one model on the union of the categories' training images (`synthetic_benchmark.py --unified`).",
+            "",
+            *unified,
             "",
         ]
     lines += [

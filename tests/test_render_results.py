@@ -99,3 +99,19 @@ def test_links_are_relative_to_the_page(render_results, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["render_results.py", "--results", str(results), "--out", str(out)])
     render_results.main()
     assert "](../records/mtd_draem.json)" in out.read_text()
+
+
+def test_unified_and_separate_records_pair_up_in_their_own_table(render_results):
+    def record(name, protocol, image):
+        return {"name": name, "command": f"python benchmarks/synthetic_benchmark.py --model uniad {protocol}",
+                "method": "uniad", "data": "metaad synthetic data set, 128 px: 60 train",
+                "protocol": "unified: one model" if protocol else "separate: one model per category",
+                "mean": {"image_auroc": image, "pixel_auroc": 0.9, "pro": 0.8}}
+
+    records = [record("uniad_synthetic", "", 0.97), record("uniad_synthetic_unified", "--unified", 0.955)]
+    rows = render_results.unified_table(records, lambda name: f"results/{name}.json")
+    assert len(rows) == 3 and rows[2].startswith("| uniad | [0.9550](results/uniad_synthetic_unified.json) / "
+                                                 "[0.9700](results/uniad_synthetic.json)")
+    assert rows[2].endswith("| -0.0150 |")
+    # the unified record is not one of the method's ordinary synthetic runs
+    assert [run.id for run in render_results.synthetic_runs(records)] == ["uniad_synthetic"]

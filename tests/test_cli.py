@@ -204,3 +204,47 @@ def test_fit_prints_its_counts_and_threshold_and_warns_when_calibration_is_too_s
              if ":" in line}
     assert lines["n_train"] == "14" and lines["n_calibration_images"] == "2"
     assert float(lines["threshold"]) == pytest.approx(thresholds["threshold"], rel=1e-3)
+
+
+def test_out_of_fold_calibration_uses_every_good_image(synthetic_root, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "metaad.cli.main", "fit", "--model", "patchcore", "--preset", "tiny", "--data",
+         str(synthetic_root), "--category", "weave", "--out", str(run), "--image-size", "64", "--calibration",
+         "out-of-fold", "--no-progress", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    thresholds = json.loads((run / "threshold.json").read_text())
+    assert config["n_train"] == 16 and config["calibration"] == "out-of-fold"
+    assert thresholds["n_calibration_images"] == 16 and "out-of-fold" in thresholds["method"]
+    assert thresholds["threshold"] > 0  # in-sample scores of a bank's own images would be near 0
+    refused = subprocess.run(
+        [sys.executable, "-m", "metaad.cli.main", "fit", "--model", "fastflow", "--preset", "tiny", "--data",
+         str(synthetic_root), "--category", "weave", "--out", str(tmp_path / "ff"), "--calibration",
+         "out-of-fold"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "cannot score its training images out of fold" in refused.stderr
+
+
+def test_out_of_fold_scores_match_those_of_unseen_good_images():
+    import metaad  # noqa: F401
+    from metaad.models import create_model
+
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    pattern = 0.5 + 0.2 * torch.sin(xs / 3.0) * torch.cos(ys / 4.0)
+
+    def texture(n, seed):
+        noise = torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        return (pattern.expand(n, 3, 64, 64) + 0.02 * noise).clamp(0, 1)
+
+    train, unseen = texture(10, 0), texture(6, 1)
+    model = create_model("patchcore", "tiny", coreset_ratio=1.0).fit(train)
+    in_sample = model.predict(train).scores
+    out_of_fold = model.out_of_fold(train).scores
+    fresh = model.predict(unseen).scores
+    assert float(in_sample.max()) == 0.0  # every patch is in the bank
+    assert abs(float(out_of_fold.mean() - fresh.mean())) < 0.25 * float(fresh.mean())
+    with pytest.raises(ValueError, match="got 9 images"):
+        model.out_of_fold(train[:9])

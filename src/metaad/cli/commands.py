@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default {FIT_DEFAULTS['calibration_fraction']})",
     )
     fit.add_argument(
+        "--calibration", default=None, choices=["held-out", "out-of-fold"],
+        help="how the thresholds are set: held-out (default: --calibration-fraction of the good images kept out "
+        "of the fit) or out-of-fold (every good image fits, and each is scored without its own contribution; "
+        "PatchCore)",
+    )
+    fit.add_argument(
         "--false-alarm-rate",
         type=float,
         default=None,
@@ -143,6 +149,7 @@ FIT_DEFAULTS = {
     "seed": 0,
     "batch_size": 16,
     "calibration_fraction": 0.1,
+    "calibration": "held-out",
     "false_alarm_rate": 0.01,
     "skip_bad_files": False,
 }
@@ -311,6 +318,7 @@ def run_fit(args: argparse.Namespace) -> int:
         shots=args.shots if args.shots is not None else recorded.get("shots"),
         shots_seed=args.shots_seed if args.shots_seed is not None else recorded.get("shots_seed"),
         calibration_fraction=_setting(args, "calibration_fraction", recorded),
+        calibration=_setting(args, "calibration", recorded),
         false_alarm_rate=_setting(args, "false_alarm_rate", recorded),
         batch_size=_setting(args, "batch_size", recorded),
         on_error="skip" if _setting(args, "skip_bad_files", recorded) else "raise",

@@ -88,14 +88,24 @@ class NearestNeighbours:
             self._quantizer = quantizer  # the IVF index does not own it
         self.index.add(vectors)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest entries (on the queries' device)."""
+    def search(
+        self, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest entries (on the queries' device);
+        ``exclude``: bank indices never returned (e.g. an image's own patches, for out-of-fold scores)."""
         threads = faiss.omp_get_max_threads()
         if not runtime.OPENMP_PASSIVE:
             faiss.omp_set_num_threads(1)
+        extra = {}
+        if exclude is not None and len(exclude):
+            excluded = faiss.IDSelectorBatch(np.ascontiguousarray(exclude, dtype=np.int64))
+            selector = faiss.IDSelectorNot(excluded)
+            ivf = isinstance(self.index, faiss.IndexIVF)
+            extra["params"] = (faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe) if ivf
+                               else faiss.SearchParameters(sel=selector))
         try:
             distances, indices = self.index.search(
-                np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k
+                np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k, **extra
             )
         finally:
             faiss.omp_set_num_threads(threads)
@@ -111,11 +121,13 @@ class SearchCache:
         self._entries: dict[str, tuple[tuple, NearestNeighbours]] = {}
 
     def search(
-        self, name: str, bank: torch.Tensor, centroids: torch.Tensor, queries: torch.Tensor, k: int, nprobe: int = 16
+        self, name: str, bank: torch.Tensor, centroids: torch.Tensor, queries: torch.Tensor, k: int, nprobe: int = 16,
+        exclude: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances (Q, k) and indices (Q, k) of ``queries`` in ``bank``, searched as :class:`NearestNeighbours`."""
+        """Distances (Q, k) and indices (Q, k) of ``queries`` in ``bank``, searched as :class:`NearestNeighbours`
+        (``exclude``: bank indices left out of the search)."""
         key = (bank.data_ptr(), tuple(bank.shape), centroids.data_ptr(), tuple(centroids.shape), nprobe)
         entry = self._entries.get(name)
         if entry is None or entry[0] != key:
             entry = self._entries[name] = (key, NearestNeighbours(bank, centroids, nprobe))
-        return entry[1].search(queries, k)
+        return entry[1].search(queries, k, exclude)

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +33,7 @@ from metaad.components.knn import SearchCache, exact_search, search_centroids
 from metaad.components.preprocess import Preprocess
 from metaad.components.smoothing import gaussian_blur
 from metaad.data.batches import iter_image_batches
-from metaad.types import AnomalyPrediction, TrainData, device_of
+from metaad.types import AnomalyPrediction, NotFittedError, TrainData, device_of
 
 Search = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (queries, k) -> distances, indices
 
@@ -157,6 +158,7 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, width))
         self.register_buffer("ivf_centroids", torch.empty(0, width))
         self._indexes = SearchCache()
+        self._bank_sources: np.ndarray | None = None  # set by fit, for out_of_fold
 
     def fit_summary(self) -> dict:
         """What the last fit decided from the data (written to a run's ``metrics.json`` as ``fitted``)."""
@@ -201,7 +203,7 @@ class PatchCore(nn.Module):
         if self.standardize_images == "auto" and not hasattr(train, "__len__"):  # a one-shot iterator: keep its
             train = list(iter_image_batches(train, self.batch_size))  # batches for the second pass
         self.preprocess.measure(iter_image_batches(train, self.batch_size))
-        chunks, device = [], device_of(self)
+        chunks, sources, n_images, device = [], [], 0, device_of(self)
         if isinstance(train, torch.Tensor):
             total = math.ceil(len(train) / self.batch_size)
         else:
@@ -216,9 +218,13 @@ class PatchCore(nn.Module):
             for part in images.split(self.batch_size):
                 patches = self.embed(part.to(device))
                 chunks.append(patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]))
+                per_image = patches.shape[-2] * patches.shape[-1]
+                sources.append(np.repeat(np.arange(n_images, n_images + len(part)), per_image))
+                n_images += len(part)
         if not chunks:
             raise ValueError("fit needs at least one training image")
         features = torch.cat(chunks)
+        bank_sources = np.concatenate(sources)
         del chunks
         n_select = max(1, round(features.shape[0] * self.coreset_ratio))
         if n_select < features.shape[0]:
@@ -226,11 +232,41 @@ class PatchCore(nn.Module):
             shards = max(1, math.ceil(features.shape[0] / self.coreset_shard_size))
             keep = greedy_coreset(projected, n_select, shards=shards, seed=self.seed)
             features = features[keep]
+            bank_sources = bank_sources[keep.cpu().numpy() if isinstance(keep, torch.Tensor) else keep]
         self.memory_bank = features.contiguous()
+        self._bank_sources = bank_sources  # which training image each bank entry came from (not saved)
         self.ivf_centroids = search_centroids(
             self.memory_bank, exact=self.search == "exact", min_bank=self.ivf_min_bank, seed=self.seed
         )
         return self
+
+    def out_of_fold(self, train: TrainData) -> AnomalyPrediction:
+        """Scores and maps of the training images just fitted, each scored by the bank without that image's own
+        patches, as if it had been held out: what a run calibrates its thresholds on, so that every good image
+        sets them and none is taken from the bank. ``train`` must be the images of the last ``fit``, in the same
+        order; a loaded model cannot do this (which image each entry came from is not saved)."""
+        sources = getattr(self, "_bank_sources", None)
+        if sources is None:
+            raise NotFittedError("out-of-fold scores need the fit that built the bank (not a loaded model)")
+        order = np.argsort(sources, kind="stable")
+        starts = np.searchsorted(sources[order], np.arange(int(sources.max()) + 2))
+        was_training = self.training
+        self.eval()
+        scores, maps, index = [], [], 0
+        try:
+            for images in iter_image_batches(train, self.batch_size):
+                for image in images.split(1):
+                    own = order[starts[index]:starts[index + 1]] if index + 1 < len(starts) else order[:0]
+                    search = partial(self._search, exclude=own)
+                    score, anomaly_map = self._score(image.to(device_of(self)), search)
+                    scores.append(score.cpu())
+                    maps.append(anomaly_map.cpu())
+                    index += 1
+        finally:
+            self.train(was_training)
+        if index != int(sources.max()) + 1:
+            raise ValueError(f"out_of_fold got {index} images; the bank was built from {int(sources.max()) + 1}")
+        return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
 
     # ------------------------------------------------------------------------------------------- predict
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:
@@ -266,6 +302,9 @@ class PatchCore(nn.Module):
         return gaussian_blur(upsampled, self.blur_sigma)[:, 0]
 
     # -------------------------------------------------------------------------------------------- search
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k)."""
-        return self._indexes.search("memory_bank", self.memory_bank, self.ivf_centroids, queries, k, self.nprobe)
+    def _search(self, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest memory-bank entries: Euclidean distances (N, k) and indices (N, k); ``exclude``: entries
+        left out (an image's own, for :meth:`out_of_fold`)."""
+        return self._indexes.search("memory_bank", self.memory_bank, self.ivf_centroids, queries, k, self.nprobe,
+                                    exclude)

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,6 +31,7 @@ from metaad.models.persistence import load_model, save_model
 from metaad.runs import layout
 from metaad.runs.calibration import parse_target, threshold_for_target, unified_threshold_record
 from metaad.runs.evaluation import (
+    Predictions,
     add_category_metrics,
     add_threshold_outcome,
     compute_metrics,
@@ -63,8 +65,14 @@ def fit_and_evaluate(
     preset: str | None = None,
     device: str = "cpu",
     shots_seed: int | None = None,
+    calibration: str = "held-out",
 ) -> dict[str, Any]:
     """Fit ``model`` on the training split, save it, set the thresholds, evaluate on the test split.
+
+    ``calibration``: "held-out" sets the thresholds on ``calibration_fraction`` of the good training images
+    kept out of the fit; "out-of-fold" fits on every good image and sets them on each image scored as if it
+    had been held out (the method's ``out_of_fold``; PatchCore: the bank without that image's own patches), so
+    that every good image both trains and calibrates.
 
     Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. Trained methods
     checkpoint into ``out/training`` every epoch; ``resume`` continues an interrupted fit from there.
@@ -76,8 +84,14 @@ def fit_and_evaluate(
     """
     target = select_device(device)
     out = Path(out)
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    out_of_fold = calibration == "out-of-fold"
+    if out_of_fold and not callable(getattr(model, "out_of_fold", None)):
+        raise ValueError(f"{registered_name(model)} cannot score its training images out of fold; use "
+                         "--calibration held-out")
     image_size = loading_size(model, image_size)
-    split = run_split(data, calibration_fraction, shots, shots_seed)
+    split = run_split(data, 0.0 if out_of_fold else calibration_fraction, shots, shots_seed)
     train_set = AnomalyDataset(split.fit, image_size, on_error)
     test_set = AnomalyDataset(split.test, image_size, on_error)
     write_json(
@@ -91,7 +105,8 @@ def fit_and_evaluate(
             "image_size": image_size,
             "shots": shots,
             "shots_seed": data.seed if shots_seed is None else shots_seed,
-            "calibration_fraction": calibration_fraction,
+            "calibration": calibration,
+            "calibration_fraction": None if out_of_fold else calibration_fraction,
             "false_alarm_rate": false_alarm_rate,
             "batch_size": batch_size,
             "skip_bad_files": on_error == "skip",
@@ -116,10 +131,21 @@ def fit_and_evaluate(
     model = on_device(fitted, device)  # already there: no move
     thresholds: dict[str, Any] = {}
     (out / layout.THRESHOLD_FILE).unlink(missing_ok=True)  # a refit without calibration must not keep an old one
-    if split.calibration:
+    held = None
+    if out_of_fold:
+        held = out_of_fold_predictions(fitted, train_set, batch_size)
+    elif split.calibration:
         calibration_set = AnomalyDataset(split.calibration, image_size, on_error)
-        calibration = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
+        held = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
+    if held is not None:
+        calibration = held
         thresholds = unified_threshold_record(calibration, false_alarm_rate)
+        if out_of_fold:
+            thresholds["method"] = (
+                "quantile of every good training image's out-of-fold score (each scored without its own "
+                "contribution to the model)" + ("; per category under 'categories'" if "categories" in thresholds
+                                                else "")
+            )
         write_json(out / layout.THRESHOLD_FILE, thresholds)
         needed = math.ceil(1 / false_alarm_rate) if false_alarm_rate > 0 else 0
         if len(calibration.scores) < needed:
@@ -151,6 +177,22 @@ def fit_and_evaluate(
     )
     fitted.cpu()  # the caller's model comes back where it was saved from, whatever device scored it
     return metrics
+
+
+CALIBRATIONS = ("held-out", "out-of-fold")
+
+
+def out_of_fold_predictions(model: nn.Module, train_set: AnomalyDataset, batch_size: int) -> Predictions:
+    """The model's out-of-fold scores and maps of the images it was just fitted on, as :class:`Predictions`."""
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=False)
+    prediction = model.out_of_fold(loader)
+    records = train_set.records
+    n = len(records)
+    return Predictions(
+        [str(r.path) for r in records], np.zeros(n, dtype=int), ["good"] * n, prediction.scores.float().numpy(),
+        prediction.maps.float().numpy(), np.zeros((n, 1, 1), np.uint8), 0.0, 0.0, np.ones(n, bool),
+        [r.category for r in records],
+    )
 
 
 def test_run(

@@ -189,7 +189,8 @@ def check_data_flags(args: argparse.Namespace) -> None:
         if name and not (root / name).is_dir():
             close = difflib.get_close_matches(name, found, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"--category {name}: no folder {root / name}; {hint}categories under {root}: "
+            raise ValueError(f"--category {name}: category folder not found ({root / name}); {hint}categories under "
+                             f"{root}: "
                              f"{', '.join(found) or 'none (no NAME/train/good folder)'}")
 
 

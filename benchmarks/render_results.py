@@ -47,7 +47,7 @@ DEFAULT_RUNS = {
         "uniad": "mtd_uniad",
     },
     "synthetic": {
-        "patchcore": "patchcore_synthetic_patch_size: patch_size=3",  # defaults ("auto": not standardising)
+        "patchcore": "patchcore_synthetic",  # today's defaults through synthetic_benchmark.py, as the others
         "reverse_distillation": "reverse_distillation_synthetic_lite0",
         "fastflow": "fastflow_synthetic_lite0",
         "draem": "draem_synthetic",  # its only run: 60 epochs

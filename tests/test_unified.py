@@ -83,6 +83,14 @@ def test_a_unified_fit_writes_thresholds_and_metrics_per_category(unified_run):
     assert all("accuracy_at_threshold" in r for r in per_category.values())
     page = (unified_run / "report.html").read_text()
     assert "Per category" in page and all(f"<td>{name}</td>" in page for name in CATEGORIES)
+    assert "(global; each category decides at its own)" in page
+    with open(unified_run / "scores.csv", newline="") as handle:  # each image decided at its category's
+        for row in csv.DictReader(handle):
+            name = next(c for c in CATEGORIES if f"/{c}/" in row["path"])
+            own = thresholds["categories"][name]["threshold"]
+            score = float(row["score"])
+            if abs(score - own) > 1e-4 * abs(own):
+                assert row["decision"] == ("anomalous" if score > own else "good"), row
 
 
 def test_predict_decides_with_the_named_categorys_threshold(unified_run, two_categories, tmp_path):

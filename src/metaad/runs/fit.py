@@ -158,8 +158,9 @@ def fit_and_evaluate(
             )
     predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
     metrics = compute_metrics(predictions)
+    decided_at = image_thresholds(predictions, thresholds)
     if "evaluation_skipped" not in metrics:  # else its images set the threshold
-        add_threshold_outcome(metrics, predictions, image_thresholds(predictions, thresholds))
+        add_threshold_outcome(metrics, predictions, decided_at)
     add_category_metrics(metrics, predictions, thresholds)
     metrics.update(
         fit_seconds=fit_seconds,
@@ -173,7 +174,8 @@ def fit_and_evaluate(
         metrics["threshold"] = thresholds["threshold"]
         metrics["n_calibration_images"] = thresholds["n_calibration_images"]
     write_report(
-        out, predictions, metrics, thresholds.get("threshold"), pixel_threshold=thresholds.get("pixel_threshold")
+        out, predictions, metrics, thresholds.get("threshold"), pixel_threshold=thresholds.get("pixel_threshold"),
+        image_thresholds=decided_at if isinstance(decided_at, np.ndarray) else None,
     )
     fitted.cpu()  # the caller's model comes back where it was saved from, whatever device scored it
     return metrics
@@ -224,10 +226,12 @@ def test_run(
     if target is not None:
         thresholds = set_target_threshold(run, thresholds, predictions, *target)
         metrics["threshold_set"] = thresholds["set_from_labelled"]
-    add_threshold_outcome(metrics, predictions, image_thresholds(predictions, thresholds))
+    decided_at = image_thresholds(predictions, thresholds)
+    add_threshold_outcome(metrics, predictions, decided_at)
     add_category_metrics(metrics, predictions, thresholds)
     threshold, pixel_threshold = thresholds.get("threshold"), thresholds.get("pixel_threshold")
-    write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold)
+    write_report(out, predictions, metrics, threshold, pixel_threshold=pixel_threshold,
+                 image_thresholds=decided_at if isinstance(decided_at, np.ndarray) else None)
     return metrics
 
 

@@ -46,9 +46,11 @@ THUMB = 176
 
 
 def write_html_report(
-    folder: str | Path, predictions: Predictions, metrics: dict, threshold: float | None, n_worst: int = 4
+    folder: str | Path, predictions: Predictions, metrics: dict, threshold: float | None, n_worst: int = 4,
+    image_thresholds: np.ndarray | None = None,
 ) -> Path:
-    """Write ``folder/report.html`` for ``predictions`` and return its path."""
+    """Write ``folder/report.html`` for ``predictions`` and return its path. ``image_thresholds``: each image's
+    own threshold (a run of several categories), which then decides; ``threshold`` is the global one."""
     folder = Path(folder)
     config = _config(folder)
     dataset = _dataset_name(predictions.paths, config)
@@ -57,10 +59,11 @@ def write_html_report(
         f"<h1>metaad report{': ' + html.escape(method) if method else ''}</h1>",
         f"<p class=sub>{html.escape(str(folder.resolve()))} · {len(predictions.paths)} test images "
         f"({int((predictions.labels == 1).sum())} defective) · data: {html.escape(dataset or 'unnamed')} · "
-        f"threshold: {'none' if threshold is None else f'{threshold:.4g}'}</p>",
+        f"threshold: {'none' if threshold is None else f'{threshold:.4g}'}"
+        f"{' (global; each category decides at its own)' if image_thresholds is not None else ''}</p>",
         _context(folder, config),
         _metrics_table(metrics, dataset),
-        _confusion(predictions, threshold),
+        _confusion(predictions, threshold, image_thresholds),
         _per_category(metrics),
         _loss_curve(folder),
     ]
@@ -72,7 +75,7 @@ def write_html_report(
             _histogram(predictions, threshold),
             "</div>",
             _per_defect(predictions),
-            _worst(predictions, threshold, n_worst),
+            _worst(predictions, threshold, n_worst, image_thresholds),
         ]
     page = PAGE.format(title=html.escape(f"metaad report {method}".strip()), body="\n".join(p for p in parts if p))
     return atomic_write(folder / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
@@ -107,16 +110,18 @@ def _metrics_table(metrics: dict, dataset: str | None) -> str:
     return f"<h2>Metrics</h2><table><tr>{header}</tr>" + "".join(rows) + "</table>"
 
 
-def _confusion(predictions: Predictions, threshold: float | None) -> str:
+def _confusion(predictions: Predictions, threshold: float | None, image_thresholds: np.ndarray | None = None
+               ) -> str:
     """The counts at the threshold: escapes (defective judged good) and false rejects (good judged defective)."""
     if threshold is None or not len(predictions.labels):
         return ""
-    flagged = predictions.scores > threshold
+    flagged = predictions.scores > (image_thresholds if image_thresholds is not None else threshold)
     defective = predictions.labels == 1
     cells = {(truth, decided): int(np.sum((defective == truth) & (flagged == decided)))
              for truth in (True, False) for decided in (True, False)}
     return (
-        f"<h2>At the threshold ({threshold:.4g})</h2><table><tr><th></th><th>judged defective</th>"
+        f"<h2>At the threshold ({'each category its own' if image_thresholds is not None else f'{threshold:.4g}'})"
+        "</h2><table><tr><th></th><th>judged defective</th>"
         "<th>judged good</th></tr>"
         f"<tr><td>defective</td><td class=num>{cells[True, True]}</td><td class=num>{cells[True, False]} "
         "escapes</td></tr>"
@@ -288,7 +293,8 @@ def _per_defect(predictions: Predictions) -> str:
             "<table><tr><th>defect</th><th>images</th><th>AUROC</th><th></th></tr>" + "".join(rows) + "</table>")
 
 
-def worst_sections(predictions: Predictions, threshold: float | None, n_worst: int) -> list[tuple[str, list[int]]]:
+def worst_sections(predictions: Predictions, threshold: float | None, n_worst: int,
+                   image_thresholds: np.ndarray | None = None) -> list[tuple[str, list[int]]]:
     """The report's sections of hardest images, each titled by what it holds: with a threshold, the misses
     (defective images at or below it) and false alarms (good images above it), an empty list where there are
     none, then the closest calls on the right side of it (lowest-margin detections, highest-scored good
@@ -299,10 +305,12 @@ def worst_sections(predictions: Predictions, threshold: float | None, n_worst: i
     if threshold is None:
         return [("Highest-scored good images", good[:n_worst]),
                 ("Lowest-scored defective images", defective[:n_worst])]
-    misses = [i for i in defective if predictions.scores[i] <= threshold]
-    alarms = [i for i in good if predictions.scores[i] > threshold]
-    detected = [i for i in defective if predictions.scores[i] > threshold]
-    passed = [i for i in good if predictions.scores[i] <= threshold]
+    own = np.broadcast_to(image_thresholds if image_thresholds is not None else threshold,
+                          predictions.scores.shape)
+    misses = [i for i in defective if predictions.scores[i] <= own[i]]
+    alarms = [i for i in good if predictions.scores[i] > own[i]]
+    detected = [i for i in defective if predictions.scores[i] > own[i]]
+    passed = [i for i in good if predictions.scores[i] <= own[i]]
     return [
         ("False alarms (good images scored above the threshold)", alarms[:n_worst]),
         ("Misses (defective images scored at or below the threshold)", misses[:n_worst]),
@@ -311,17 +319,19 @@ def worst_sections(predictions: Predictions, threshold: float | None, n_worst: i
     ]
 
 
-def _worst(predictions: Predictions, threshold: float | None, n_worst: int) -> str:
+def _worst(predictions: Predictions, threshold: float | None, n_worst: int,
+           image_thresholds: np.ndarray | None = None) -> str:
     low, high = (float(v) for v in np.percentile(predictions.maps, [1, 99.9]))
     high = max(high, low + 1e-6)
     sections = []
-    for title, chosen in worst_sections(predictions, threshold, n_worst):
+    for title, chosen in worst_sections(predictions, threshold, n_worst, image_thresholds):
         if not chosen:
             sections.append(f"<h2>{title}</h2><p>none</p>")
             continue
         rows = []
         for i in chosen:
-            decision = "" if threshold is None else (" · anomalous" if predictions.scores[i] > threshold else " · good")
+            own = float(image_thresholds[i]) if image_thresholds is not None else threshold
+            decision = "" if own is None else (" · anomalous" if predictions.scores[i] > own else " · good")
             cells = "".join(f"<td><img src='data:image/png;base64,{picture}' alt='{name}'></td>"
                             for name, picture in _pictures(predictions, i, low, high))
             rows.append(f"<tr><td class=cap>{html.escape(Path(predictions.paths[i]).name)}<br>"

@@ -24,9 +24,12 @@ def write_report(
     threshold: float | None,
     n_worst: int = 8,
     pixel_threshold: float | None = None,
+    image_thresholds: np.ndarray | None = None,
 ) -> Path:
     """Write ``metrics.json``, ``roc.png`` (both classes present), ``pro.png`` (when pixel metrics were
-    computed), ``scores.csv`` and ``worst/`` (see :func:`write_worst_overlays`)."""
+    computed), ``scores.csv`` and ``worst/`` (see :func:`write_worst_overlays`). ``image_thresholds``: one
+    threshold per image (a run of several categories decides each with its category's); ``threshold`` is
+    then the global one, shown as such."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(
@@ -39,7 +42,7 @@ def write_report(
             "n_images": len(predictions.paths),
         },
     )
-    _write_scores_csv(folder / "scores.csv", predictions, threshold)
+    _write_scores_csv(folder / "scores.csv", predictions, threshold, image_thresholds)
     if len(set(predictions.labels.tolist())) == 2:
         fpr, tpr, _ = roc_curve(predictions.labels, predictions.scores)
         _plot_curve(
@@ -61,8 +64,9 @@ def write_report(
             "per-region overlap",
             f"PRO curve, FPR <= 0.3 (AUPRO {metrics.get('pro', float('nan')):.3f})",
         )
-    write_worst_overlays(folder / "worst", predictions, n_worst, threshold, pixel_threshold)
-    html_report.write_html_report(folder, predictions, metrics, threshold)  # report.html, self-contained
+    write_worst_overlays(folder / "worst", predictions, n_worst, threshold, pixel_threshold, image_thresholds)
+    html_report.write_html_report(folder, predictions, metrics, threshold,  # report.html, self-contained
+                                  image_thresholds=image_thresholds)
     return folder
 
 
@@ -75,6 +79,7 @@ def write_worst_overlays(
     n_worst: int,
     threshold: float | None = None,
     pixel_threshold: float | None = None,
+    image_thresholds: np.ndarray | None = None,
 ) -> None:
     """Overlays of the lowest-scored defective images, the highest-scored good ones and (when there is room,
     a quarter of ``n_worst``) the highest-scored defective ones, the model's clearest detections.
@@ -98,13 +103,14 @@ def write_worst_overlays(
     scale = map_scale(predictions.maps, pixel_threshold)
     for rank, index in enumerate(worst_defective + worst_good + best_defective):
         score, defective = float(predictions.scores[index]), labels[index] == 1
-        flagged = score > threshold if threshold is not None else not defective
+        own = float(image_thresholds[index]) if image_thresholds is not None else threshold
+        flagged = score > own if own is not None else not defective
         kind = ("detected_defect" if flagged else "missed_defect") if defective else (
             "false_alarm" if flagged else "correct_good"
         )
         defect = predictions.defects[index] if defective else "good"
         name = f"{rank:02d}_{kind}_{_file_part(defect)}_{Path(predictions.paths[index]).stem}.png"
-        decision = "" if threshold is None else (" > " if flagged else " <= ") + f"threshold {threshold:.3g}"
+        decision = "" if own is None else (" > " if flagged else " <= ") + f"threshold {own:.4g}"
         anomaly_map = predictions.maps[index]
         save_overlay(
             folder / name,
@@ -187,12 +193,14 @@ def _save_figure(figure: plt.Figure, path: Path) -> None:
     plt.close(figure)
 
 
-def _write_scores_csv(path: Path, predictions: Predictions, threshold: float | None) -> None:
+def _write_scores_csv(path: Path, predictions: Predictions, threshold: float | None,
+                      image_thresholds: np.ndarray | None = None) -> None:
     lines = ["path,label,defect,score,decision"]
-    for p, label, defect, score in zip(
+    for i, (p, label, defect, score) in enumerate(zip(
         predictions.paths, predictions.labels, predictions.defects, predictions.scores, strict=True
-    ):
-        decision = "" if threshold is None else ("anomalous" if score > threshold else "good")
+    )):
+        own = float(image_thresholds[i]) if image_thresholds is not None else threshold
+        decision = "" if own is None else ("anomalous" if score > own else "good")
         lines.append(f"{_csv(p)},{int(label)},{_csv(defect)},{score:.6g},{decision}")
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -33,3 +33,24 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available: {path} is absent (needs ../shared/data beside the repo)")
     return path
+
+
+def assert_resume_is_bit_identical(build, images: torch.Tensor, tmp_path: Path) -> None:
+    """A method built by ``build()``, its fit interrupted after the first epoch's checkpoint and resumed, ends
+    with the weights of an uninterrupted fit (the shared loop's promise, checked per method)."""
+    from metaad.io import read_json
+
+    straight = build().fit(images, workdir=tmp_path / "straight")
+
+    class StopTrainingError(Exception):
+        pass
+
+    def interrupt(epoch, model):
+        raise StopTrainingError
+
+    with pytest.raises(StopTrainingError):
+        build().fit(images, workdir=tmp_path / "resumed", on_epoch_end=interrupt)
+    assert read_json(tmp_path / "resumed" / "checkpoint.json")["epoch"] == 1
+    resumed = build().fit(images, workdir=tmp_path / "resumed", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

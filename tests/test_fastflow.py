@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_resume_is_bit_identical
 from metaad.data.datasets import mvtec_records
 from metaad.data.transforms import pil_to_tensor
-from metaad.io import read_json
 from metaad.models import create_model
 from metaad.models.fastflow import FastFlow
 from metaad.models.persistence import load_model, save_model
@@ -100,22 +100,7 @@ def test_loss_decreases_a_defect_scores_above_good_images_and_a_loaded_model_sco
 
 def test_interrupted_and_resumed_training_ends_bit_identical(tmp_path):
     images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    settings = {**TINY, "epochs": 3, "batch_size": 4}
-    straight = FastFlow(**settings).fit(images, workdir=tmp_path / "straight")
-
-    class StopTrainingError(Exception):
-        pass
-
-    def interrupt(epoch, model):
-        raise StopTrainingError  # after the first epoch's checkpoint
-
-    killed = FastFlow(**settings)
-    with pytest.raises(StopTrainingError):
-        killed.fit(images, workdir=tmp_path / "resumed", on_epoch_end=interrupt)
-    assert read_json(tmp_path / "resumed" / "checkpoint.json")["epoch"] == 1
-    resumed = FastFlow(**settings).fit(images, workdir=tmp_path / "resumed", resume=True)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_resume_is_bit_identical(lambda: FastFlow(**{**TINY, "epochs": 3, "batch_size": 4}), images, tmp_path)
 
 
 def test_the_log_likelihood_score_is_minus_log_of_one_minus_the_complement_score():

@@ -4,7 +4,7 @@ the paper preset's plumbing, bit-identical resume and the loop's gradient clippi
 import pytest
 import torch
 
-from metaad.io import read_json
+from conftest import assert_resume_is_bit_identical
 from metaad.models import create_model
 from metaad.models.uniad import UniAD, feature_jitter, neighbour_mask
 
@@ -123,21 +123,7 @@ def test_the_paper_preset_without_weights_says_what_it_needs():
 
 def test_interrupted_and_resumed_training_ends_bit_identical(tmp_path):
     images = torch.rand(10, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    settings = {**TINY, "epochs": 3, "batch_size": 4}
-    straight = UniAD(**settings).fit(images, workdir=tmp_path / "straight")
-
-    class StopTrainingError(Exception):
-        pass
-
-    def interrupt(epoch, model):
-        raise StopTrainingError  # after the first epoch's checkpoint
-
-    with pytest.raises(StopTrainingError):
-        UniAD(**settings).fit(images, workdir=tmp_path / "resumed", on_epoch_end=interrupt)
-    assert read_json(tmp_path / "resumed" / "checkpoint.json")["epoch"] == 1
-    resumed = UniAD(**settings).fit(images, workdir=tmp_path / "resumed", resume=True)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_resume_is_bit_identical(lambda: UniAD(**{**TINY, "epochs": 3, "batch_size": 4}), images, tmp_path)
 
 
 def test_training_uses_the_papers_optimiser_and_clipping():

@@ -248,15 +248,18 @@ class PatchCore(nn.Module):
         sources = getattr(self, "_bank_sources", None)
         if sources is None:
             raise NotFittedError("out-of-fold scores need the fit that built the bank (not a loaded model)")
+        fitted = int(sources.max()) + 1  # images the bank was built from
         order = np.argsort(sources, kind="stable")
-        starts = np.searchsorted(sources[order], np.arange(int(sources.max()) + 2))
+        starts = np.searchsorted(sources[order], np.arange(fitted + 1))  # image i's entries: order[starts[i]:...]
         was_training = self.training
         self.eval()
         scores, maps, index = [], [], 0
         try:
             for images in iter_image_batches(train, self.batch_size):
                 for image in images.split(1):
-                    own = order[starts[index]:starts[index + 1]] if index + 1 < len(starts) else order[:0]
+                    if index == fitted:
+                        raise ValueError(f"out_of_fold got more images than the {fitted} the bank was built from")
+                    own = order[starts[index]:starts[index + 1]]
                     search = partial(self._search, exclude=own)
                     score, anomaly_map = self._score(image.to(device_of(self)), search)
                     scores.append(score.cpu())
@@ -264,8 +267,8 @@ class PatchCore(nn.Module):
                     index += 1
         finally:
             self.train(was_training)
-        if index != int(sources.max()) + 1:
-            raise ValueError(f"out_of_fold got {index} images; the bank was built from {int(sources.max()) + 1}")
+        if index != fitted:
+            raise ValueError(f"out_of_fold got {index} images; the bank was built from {fitted}")
         return AnomalyPrediction(torch.cat(scores), torch.cat(maps))
 
     # ------------------------------------------------------------------------------------------- predict

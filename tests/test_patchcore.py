@@ -257,3 +257,67 @@ def test_images_are_loaded_at_the_working_size_when_it_exceeds_the_papers_256():
     assert loading_size(PatchCore(image_size=128)) == 256  # downsized inside the model, evaluated at 256
     assert loading_size(PatchCore(image_size=None)) == 256
     assert loading_size(create_model("patchcore", "paper", image_size=320), 96) == 96  # an explicit size wins
+
+
+@pytest.fixture(scope="module")
+def weave_images(synthetic_root):
+    train = AnomalyDataset(mvtec_records(synthetic_root, "weave", "train"), image_size=64)
+    return torch.stack([train[i]["image"] for i in range(len(train))])
+
+
+def test_out_of_fold_score_is_the_score_of_a_fit_without_the_images_fold(weave_images):
+    """Each fold's bank is the bank that a fit on the other folds alone builds (same coreset, same seed), so an
+    image's out-of-fold score and map are exactly what that model predicts for it, in the input's order
+    (batch_size=1: the backbone sees each image alone in both)."""
+    settings = {"coreset_ratio": 0.25, "batch_size": 1, "out_of_fold_folds": 4}
+    model = create_model("patchcore", "tiny", **settings).fit(weave_images)
+    assert not model.preprocess.standardizing  # the one setting the fit decides from all images: not at play
+    result = model.out_of_fold(weave_images)
+    folds = model.folds(len(weave_images))
+    assert result.scores.shape == (16,) and result.maps.shape == (16, 64, 64)
+    assert sorted(np.bincount(folds).tolist()) == [4, 4, 4, 4]
+    for fold in (0, 3):
+        held_out = torch.from_numpy(folds == fold)
+        without = create_model("patchcore", "tiny", **settings).fit(weave_images[~held_out])
+        expected = without.predict(weave_images[held_out])
+        assert torch.equal(result.scores[held_out], expected.scores)
+        assert torch.equal(result.maps[held_out], expected.maps)
+
+
+def test_out_of_fold_scores_are_not_below_in_bank_scores(weave_images):
+    whole = create_model("patchcore", "tiny", coreset_ratio=1.0, out_of_fold_folds=4).fit(weave_images)
+    in_bank, out_of_fold = whole.predict(weave_images), whole.out_of_fold(weave_images)
+    assert float(in_bank.scores.max()) == 0.0  # every patch is in the bank
+    assert torch.all(out_of_fold.scores > 0)
+    assert torch.all(out_of_fold.maps >= in_bank.maps)  # a fold's bank is a part of the whole bank
+    coreset = create_model("patchcore", "tiny", coreset_ratio=0.25, out_of_fold_folds=4).fit(weave_images)
+    assert coreset.out_of_fold(weave_images).scores.mean() > coreset.predict(weave_images).scores.mean()
+
+
+def test_own_entry_exclusion_is_leave_one_out_when_the_bank_keeps_every_patch(weave_images):
+    """``out_of_fold_folds=0`` leaves an image's own entries out of the fitted bank: without a coreset that is
+    the bank of the other images, as one fold per image builds it; with one, the coreset is what differs."""
+    one_per_image = create_model("patchcore", "tiny", coreset_ratio=1.0, out_of_fold_folds=16).fit(weave_images)
+    excluding = create_model("patchcore", "tiny", coreset_ratio=1.0, out_of_fold_folds=0).fit(weave_images)
+    expected, got = one_per_image.out_of_fold(weave_images), excluding.out_of_fold(weave_images)
+    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.maps, expected.maps, rtol=1e-5, atol=1e-4)
+
+
+def test_out_of_fold_refuses_other_images_a_loaded_model_and_a_single_fold(weave_images, tmp_path):
+    model = create_model("patchcore", "tiny", coreset_ratio=0.25, out_of_fold_folds=4).fit(weave_images)
+    with pytest.raises(ValueError, match="got 15 images; the bank was built from 16"):
+        model.out_of_fold(weave_images[:15])
+    with pytest.raises(ValueError, match="more images than the 16"):
+        model.out_of_fold(torch.cat([weave_images, weave_images[:1]]))
+    save_model(model, tmp_path)
+    with pytest.raises(NotFittedError, match="not a loaded model"):
+        load_model(tmp_path).out_of_fold(weave_images)
+    with pytest.raises(NotFittedError):
+        PatchCore().out_of_fold(weave_images)
+    for folds in (0, 4):
+        one = create_model("patchcore", "tiny", out_of_fold_folds=folds).fit(weave_images[:1])
+        with pytest.raises(ValueError, match="at least 2 fitted images"):
+            one.out_of_fold(weave_images[:1])
+    with pytest.raises(ValueError, match="out_of_fold_folds"):
+        PatchCore(out_of_fold_folds=1)

@@ -30,6 +30,7 @@ RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python"}
 SUBSTITUTIONS = {
     "--preset cpu": "--preset tiny",
     'create_model("patchcore", "cpu")': 'create_model("patchcore", "tiny")',
+    "--tile 256": "--tile 32",  # the walk-through's images are 64 px
 }
 
 
@@ -97,6 +98,16 @@ def test_readme_examples_run(walkthrough_folder, monkeypatch, capsys):
         rows = {row["name"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"part_1", "part_2", "part_3", "part_4"} and rows["part_4"]["error"]
     assert "left out 2 mask file(s)" in output and "scored 3 of 4 images" in output
+    # regions: the header and a row of the defective photograph
+    assert "path,name,region,area,x,y,width,height,peak" in output
+    # tiling: recorded in the run, and the tiled run scored the same images
+    tiled = json.loads((walkthrough_folder / "runs/parts_tiled/config.json").read_text())
+    assert tiled["tiling"] == {"tile": 32, "overlap": 0.25} and tiled["image_size"] == 64
+    with open(walkthrough_folder / "predictions_tiled/predictions.csv", newline="") as handle:
+        assert {row["name"] for row in csv.DictReader(handle) if not row["error"]} == {"part_1", "part_2", "part_3"}
+    # the miss-rate threshold was written into the run
+    set_from = json.loads((walkthrough_folder / "runs/parts/threshold.json").read_text())["set_from_labelled"]
+    assert set_from["target"].startswith("miss-rate")
     # test: a report folder with image and pixel metrics
     metrics = json.loads((walkthrough_folder / "reports/parts/metrics.json").read_text())
     assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pro"] <= 1

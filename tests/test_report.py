@@ -73,3 +73,20 @@ def test_overlay_keeps_the_image_aspect(tmp_path):
     save_overlay(path, image, anomaly_map, (0.0, 1.0), title="t", predicted=anomaly_map > 0.5, pixel_threshold=0.5)
     width, height = Image.open(path).size
     assert width > 2.5 * height
+
+
+def test_a_second_report_replaces_the_pictures_of_the_first(tmp_path):
+    from metaad.runs.report import write_report
+
+    folder = tmp_path / "run"
+    write_report(folder, _predictions(tmp_path, ["a", "b", "c", "d"], [0.9, 0.1, 0.2, 0.8], [0, 1, 0, 1]),
+                 {"image_auroc": 0.5}, threshold=0.5, pixel_threshold=0.5)
+    files = folder / "report_files"
+    (files / "notes.png").write_bytes(b"kept: not written by the report")
+    first = {p.name for p in files.iterdir()}
+    assert len(first) == 4 * 4 + 1 and any("_a_overlay" in name for name in first)
+    write_report(folder, _predictions(tmp_path, ["e", "f"], [0.9, 0.1], [1, 0]), {}, threshold=0.5)
+    second = {p.name for p in files.iterdir()}
+    assert len(second) == 2 * 4 + 1 and "notes.png" in second and not any("_a_" in name for name in second)
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert all(f"report_files/{name}" in page for name in second - {"notes.png"})

@@ -52,6 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default {FIT_DEFAULTS['false_alarm_rate']})",
     )
     fit.add_argument(
+        "--tile", type=int, default=None, metavar="SIZE",
+        help="fit and score on overlapping SIZE x SIZE px tiles of the images loaded at --image-size (default "
+        "with tiles: the training images' median long side, up to 1024), each tile at the model's working size; "
+        "recorded in the run, so test, predict, export and serve tile the same way (for small defects in "
+        "high-resolution images)",
+    )
+    fit.add_argument(
+        "--resize", default=None, choices=["stretch", "pad"],
+        help="how images become the model's square: stretch (default, each side to the size, as the papers do) or "
+        "pad (the long side to the size, the aspect kept, black around); recorded in the run",
+    )
+    fit.add_argument(
+        "--tile-overlap", type=float, default=None, metavar="F",
+        help="share of a tile its neighbours overlap (default 0.25)",
+    )
+    fit.add_argument(
         "--resume", action="store_true", help="continue an interrupted fit from RUN/training (trained methods)"
     )
     fit.add_argument(
@@ -92,8 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     predict.add_argument(
         "--tile", type=int, default=None, metavar="SIZE",
-        help="split each image into overlapping SIZE x SIZE tiles (pixels), each seen at the run's size, and "
-        "blend their maps; the image score is the highest tile score (for high-resolution images)",
+        help="for a run fitted without --tile: split each image at its own resolution into overlapping SIZE x "
+        "SIZE tiles and blend their maps; the image score is the highest tile score (a run fitted with --tile "
+        "always uses its own tiles)",
     )
     predict.add_argument(
         "--tile-overlap", type=float, default=0.25, metavar="F", help="share of a tile its neighbours overlap"
@@ -152,6 +169,7 @@ FIT_DEFAULTS = {
     "calibration": "held-out",
     "false_alarm_rate": 0.01,
     "skip_bad_files": False,
+    "resize": "stretch",
 }
 """Defaults of the flags that ``fit --config`` (and ``test``, from the run) can fill in: their parser default
 is None, meaning 'not given'."""
@@ -174,6 +192,10 @@ def check_data_flags(args: argparse.Namespace) -> None:
     that a missing folder or a misspelt category answers at once."""
     import difflib
 
+    if getattr(args, "tile", None) is not None or getattr(args, "tile_overlap", None) is not None:
+        from metaad.data.tiles import Tiling
+
+        Tiling(args.tile if args.tile is not None else 256, 0.25 if args.tile_overlap is None else args.tile_overlap)
     if getattr(args, "data", None) is None:
         return
     root = Path(args.data)
@@ -308,6 +330,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if image_size is None and as_recorded and not args.param:
         image_size = recorded.get("image_size")
     data = _data_spec(args, recorded.get("data"))
+    tiling = _tiling(args, recorded.get("tiling"))
     out = prepare_run_folder(args.out, args.overwrite, args.resume)
     model = create_model(name, preset, **params)
     progress = not (args.quiet or args.no_progress)
@@ -327,11 +350,27 @@ def run_fit(args: argparse.Namespace) -> int:
         resume=args.resume,
         preset=preset,
         device=args.device,
+        tiling=tiling,
+        resize=_setting(args, "resize", recorded),
     )
     if not args.quiet:
         _print_evaluation(metrics, out, "run folder")
         print(f"next: metaad predict --run {out} IMAGES_OR_FOLDERS --out PREDICTIONS_FOLDER")
     return 0
+
+
+def _tiling(args: argparse.Namespace, recorded: dict | None):
+    """``--tile``/``--tile-overlap``, else the tiling a refitted run's config records, else None."""
+    from metaad.data.tiles import Tiling
+
+    recorded_tiling = Tiling.from_config(recorded)
+    if args.tile is None:
+        if args.tile_overlap is not None and recorded_tiling is None:
+            raise ValueError("--tile-overlap needs --tile SIZE (the tiles' side in pixels)")
+        if recorded_tiling is None:
+            return None
+        return Tiling(recorded_tiling.tile, recorded_tiling.overlap if args.tile_overlap is None else args.tile_overlap)
+    return Tiling(args.tile, 0.25 if args.tile_overlap is None else args.tile_overlap)
 
 
 def run_models(args: argparse.Namespace) -> int:

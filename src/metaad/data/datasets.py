@@ -17,7 +17,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from metaad.data.transforms import DEFAULT_IMAGE_SIZE, IMAGE_EXTENSIONS, mask_to_tensor, pil_to_tensor
+from metaad.data.transforms import (
+    DEFAULT_IMAGE_SIZE,
+    IMAGE_EXTENSIONS,
+    RESIZES,
+    letterbox,
+    mask_to_tensor,
+    pil_to_tensor,
+)
 
 GOOD = "good"
 
@@ -234,6 +241,11 @@ class AnomalyDataset(Dataset):
     ``on_error="raise"`` (default): any unreadable image or bad mask raises :class:`DataError` naming the file.
     ``on_error="skip"``: every file is checked up front; bad ones are dropped with one warning that counts
     them (``skipped`` lists them).
+
+    ``resize="pad"`` keeps each image's aspect (:func:`metaad.data.transforms.letterbox`): the sample's
+    ``"content"`` says where the image lies in the square, (top, left, height, width), and its mask stays
+    stretched to the square, the grid every map is evaluated on (``metaad.runs.scoring.Scorer`` brings a
+    letterboxed map back to it), so that both resizes are measured on the same pixels.
     """
 
     def __init__(
@@ -241,9 +253,13 @@ class AnomalyDataset(Dataset):
         records: Sequence[ImageRecord],
         image_size: int = DEFAULT_IMAGE_SIZE,
         on_error: str = "raise",
+        resize: str = "stretch",
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+        self.resize = resize
         if not records:
             raise DataError("no images: the data set is empty")
         self.image_size = image_size
@@ -277,9 +293,10 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        image, mask = self._load(record)
+        image, mask, content = self._load(record)
         return {
             "image": image,
+            "content": torch.tensor(content),
             "mask": mask,
             "has_mask": record.label == 0 or record.mask_path is not None,
             "label": record.label,
@@ -292,9 +309,12 @@ class AnomalyDataset(Dataset):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
-    def _load(self, record: ImageRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, record: ImageRecord) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int]]:
         pil = _open_image(record.path)
-        image = pil_to_tensor(pil, self.image_size)
+        if self.resize == "pad":
+            image, content = letterbox(pil, self.image_size)
+        else:
+            image, content = pil_to_tensor(pil, self.image_size), (0, 0, self.image_size, self.image_size)
         if record.mask_path is None:
             mask = torch.zeros(1, self.image_size, self.image_size)
         else:
@@ -305,7 +325,7 @@ class AnomalyDataset(Dataset):
                     f"{record.path} is {pil.size[0]}x{pil.size[1]}; expected the same size"
                 )
             mask = mask_to_tensor(pil_mask, self.image_size)
-        return image, mask
+        return image, mask, content
 
 
 def open_image(path: str | Path) -> Image.Image:

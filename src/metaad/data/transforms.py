@@ -30,6 +30,29 @@ def pil_to_tensor(image: Image.Image, size: int | tuple[int, int] = DEFAULT_IMAG
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+RESIZES = ("stretch", "pad")
+"""How an image becomes the run's square: ``stretch`` (each side to the size, the papers' way) or ``pad`` (the long
+side to the size, the aspect kept, the rest of the square black: :func:`letterbox`)."""
+
+
+def content_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a ``width`` x ``height`` image letterboxed into a ``size`` square: its long
+    side fills the square, the short side is scaled alike (at least 1 px) and centred."""
+    scale = size / max(width, height)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """(3, size, size) RGB in [0, 1] with the image's aspect kept (long side to ``size``, centred on black), and
+    where the image lies in it (:func:`content_box`)."""
+    box = content_box(*image.size, size)
+    y, x, h, w = box
+    canvas = torch.zeros(3, size, size)
+    canvas[:, y : y + h, x : x + w] = pil_to_tensor(image, (h, w))
+    return canvas, box
+
+
 def _to_l(image: Image.Image) -> Image.Image:
     """High-bit-depth grayscale (16-bit TIFF/PNG) to 8 bit, scaling by the full range of its type."""
     array = np.asarray(image).astype(np.float64)

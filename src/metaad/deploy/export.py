@@ -23,26 +23,52 @@ import torch
 from torch import nn
 
 from metaad import runtime
+from metaad.data.tiles import Tiling
 from metaad.device import select_device
 from metaad.io import atomic_write
 from metaad.models import get_config, registered_name
 from metaad.models.persistence import load_model
-from metaad.runs.layout import read_metrics, read_threshold, read_thresholds, run_image_size
+from metaad.runs.layout import read_config, read_metrics, read_threshold, read_thresholds, run_image_size
 
 OPSET = 18
 INPUT, OUTPUTS = "images", ("scores", "maps")
 
 
 class ExportWrapper(nn.Module):
-    """(B, 3, S, S) images in [0, 1] -> (scores (B,), maps (B, S, S)), float32, through the model's export path."""
+    """(B, 3, S, S) images in [0, 1] -> (scores (B,), maps (B, S, S)), float32, through the model's export path.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``tiling`` (a run fitted on tiles), the graph cuts each image into the run's tiles, scores them as one
+    batch and blends their maps as :class:`metaad.runs.scoring.Scorer` does: the tiles' places are fixed by the
+    run's size, so they are constants of the graph."""
+
+    def __init__(self, model: nn.Module, tiling: Tiling | None = None, image_size: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.boxes = None if tiling is None else tiling.boxes(image_size, image_size)
+        if self.boxes is not None:
+            count = torch.zeros(image_size, image_size)
+            for y, x, h, w in self.boxes:
+                count[y : y + h, x : x + w] += 1
+            self.register_buffer("tile_count", count, persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, maps = self.model.export_forward(images)
-        return scores.float(), maps.float()
+        if self.boxes is None:
+            scores, maps = self.model.export_forward(images)
+            return scores.float(), maps.float()
+        _, _, height, width = images.shape
+        _, _, tile_h, tile_w = self.boxes[0]  # every tile of a square image has one size
+        crops = torch.stack([images[:, :, y : y + h, x : x + w] for y, x, h, w in self.boxes], dim=1)
+        scores, maps = self.model.export_forward(crops.reshape(-1, 3, tile_h, tile_w))
+        n = len(self.boxes)
+        maps = maps.float()
+        if tuple(maps.shape[-2:]) != (tile_h, tile_w):
+            maps = nn.functional.interpolate(maps[:, None], size=(tile_h, tile_w), mode="bilinear")[:, 0]
+        maps = maps.reshape(-1, n, tile_h, tile_w)
+        total = sum(
+            nn.functional.pad(maps[:, i], (x, width - x - w, y, height - y - h))
+            for i, (y, x, h, w) in enumerate(self.boxes)
+        )
+        return scores.float().reshape(-1, n).amax(1), total / self.tile_count
 
 
 def export_onnx(
@@ -52,6 +78,7 @@ def export_onnx(
     metadata: dict[str, Any] | None = None,
     device: str = "cpu",
     check_images: torch.Tensor | None = None,
+    tiling: Tiling | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` as ONNX to ``path`` for (B, 3, image_size, image_size) inputs; returns the export check
     (largest score and map differences between onnxruntime and the eager export path on ``check_images``,
@@ -62,7 +89,7 @@ def export_onnx(
     (``metadata_props["batch"]`` is then "1"; :func:`run_onnx` loops)."""
     _register_symbolics()
     target = select_device(device)
-    wrapper = ExportWrapper(model.eval()).to(target).eval()
+    wrapper = ExportWrapper(model.eval(), tiling, image_size).to(target).eval()
     if check_images is None:
         generator = torch.Generator().manual_seed(0)
         check_images = torch.rand(3, 3, image_size, image_size, generator=generator)
@@ -128,6 +155,15 @@ def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> dict[st
     model = load_model(run)
     image_size = run_image_size(run)
     metadata = run_metadata(model, image_size, read_threshold(run), read_metrics(run))
+    config = read_config(run)
+    tiling = Tiling.from_config(config.get("tiling"))
+    if config.get("resize") == "pad":
+        metadata["resize"] = "pad"
+        metadata["input"] += ("; each image letterboxed: long side to the size, aspect kept, centred on black "
+                              "(metaad.data.transforms.letterbox); crop the maps to the image's place")
+    if tiling is not None:
+        metadata["tiling"] = json.dumps(tiling.to_config())
+        metadata["input"] += f"; tiled inside the graph into {tiling.tile} px tiles as the run was fitted"
     categories = read_thresholds(run).get("categories")
     if categories:  # a unified run: each category's thresholds beside the global one
         metadata["category_thresholds"] = json.dumps(
@@ -135,7 +171,7 @@ def export_run(run: str | Path, out: str | Path, device: str = "cpu") -> dict[st
              for name, r in categories.items()}
         )
         metadata["decision"] += " (the image's category's threshold from category_thresholds, where known)"
-    check = export_onnx(model, out, image_size, metadata, device)
+    check = export_onnx(model, out, image_size, metadata, device, tiling=tiling)
     return {**metadata, "export_check": json.dumps(check)}
 
 

@@ -2,8 +2,10 @@
 
 Any input a user has: image files, PIL images, numpy arrays, of any size, grayscale, RGB, RGBA or 16-bit,
 decoded as the command line does. Each image is resized to the run's size for the model and its anomaly map
-is resized back, so maps and predicted masks come at the image's own size and aspect. With ``tile``, a large
-image is split into overlapping tiles instead, each seen at the run's size, and the tiles' maps are blended.
+is resized back, so maps and predicted masks come at the image's own size and aspect. A run fitted with tiles
+(``metaad fit --tile``) scores every image through the same tiles (:mod:`metaad.data.tiles`); for a run fitted
+without, ``tile`` cuts a large image into tiles at its own resolution instead (for a model fitted on images at
+the scale of the tiles), and the tiles' maps are blended.
 Scoring itself is :class:`metaad.runs.scoring.Scorer`, the path evaluation takes too.
 """
 
@@ -21,12 +23,13 @@ import torch
 from PIL import Image
 
 from metaad.data.datasets import DataError, open_image
-from metaad.data.transforms import pil_to_tensor
+from metaad.data.tiles import Tiling
+from metaad.data.transforms import letterbox, pil_to_tensor
 from metaad.deploy.regions import Region, find_regions, without_small_regions
 from metaad.device import on_device
 from metaad.models.persistence import load_model
 from metaad.runs.layout import read_config, read_thresholds, run_image_size
-from metaad.runs.scoring import Scorer, check_tiling
+from metaad.runs.scoring import Scorer
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -66,7 +69,9 @@ class Run:
         self.run_thresholds = read_thresholds(self.folder)
         self.threshold_override = threshold
         self.image_size = run_image_size(self.folder, image_size)
-        self.scorer = Scorer(self.model, self.image_size)
+        self.tiling = Tiling.from_config(self.config.get("tiling"))  # the fit's tiles, used on every image
+        self.resize = self.config.get("resize", "stretch")  # "pad": each image letterboxed, as the fit saw it
+        self.scorer = Scorer(self.model, self.image_size, self.tiling)
         self._select(category)
 
     @property
@@ -108,7 +113,7 @@ class Run:
     def colour_scale(self) -> tuple[float, float] | None:
         """The heat maps' one colour scale: from the held-out good maps' 1st percentile to twice the distance
         to the pixel threshold (the threshold in the middle); None for a run without a pixel threshold."""
-        from metaad.runs.report import map_scale
+        from metaad.runs.rendering import map_scale
 
         if self.pixel_threshold is None or "map_low" not in self.thresholds:
             return None
@@ -134,7 +139,8 @@ class Run:
         on_error: str = "raise",
     ) -> list[ImageResult]:
         """Score ``images`` (one or a list). ``on_error="report"`` returns a result with ``error`` set for an
-        unreadable image instead of raising :class:`~metaad.data.datasets.DataError`."""
+        unreadable image instead of raising :class:`~metaad.data.datasets.DataError`. ``tile`` (a run fitted
+        without tiles only): cut each image into overlapping ``tile`` px tiles at its own resolution."""
         if isinstance(images, str | Path | Image.Image | np.ndarray):
             images = [images]
         return list(self.iter_predict(images, tile, tile_overlap, batch_size, on_error))
@@ -150,7 +156,7 @@ class Run:
         """:meth:`predict` one batch at a time, for more images than fit in memory at once."""
         if on_error not in ("raise", "report"):
             raise ValueError(f"on_error must be 'raise' or 'report', got {on_error!r}")
-        check_tiling(tile, tile_overlap)
+        tiling = self._native_tiling(tile, tile_overlap)
         pending: list[tuple[str, Image.Image]] = []
         for index, item in enumerate(images):
             source = _describe(item, index)
@@ -159,30 +165,45 @@ class Run:
             except DataError as error:
                 if on_error == "raise":
                     raise
-                yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
+                yield from self._predict_batch(pending, tiling, batch_size)
                 pending = []
                 yield ImageResult(source, math.nan, None, None, None, None, (0, 0), str(error))
                 continue
-            if len(pending) == batch_size or tile is not None:
-                yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
+            if len(pending) == batch_size or tiling is not None:
+                yield from self._predict_batch(pending, tiling, batch_size)
                 pending = []
-        yield from self._predict_batch(pending, tile, tile_overlap, batch_size)
+        yield from self._predict_batch(pending, tiling, batch_size)
+
+    def _native_tiling(self, tile: int | None, overlap: float) -> Tiling | None:
+        """The tiling ``tile`` asks for at the images' own resolution (None: the run's way)."""
+        if tile is None:
+            return None
+        if self.tiling is not None:
+            raise ValueError(
+                f"this run was fitted on {self.tiling.tile} px tiles of its {self.image_size} px images and scores "
+                "every image through them; --tile is for runs fitted without tiles"
+            )
+        return Tiling(tile, overlap)
 
     def _predict_batch(
-        self, pending: list[tuple[str, Image.Image]], tile: int | None, overlap: float, batch_size: int
+        self, pending: list[tuple[str, Image.Image]], tiling: Tiling | None, batch_size: int
     ) -> Iterator[ImageResult]:
         if not pending:
             return
-        if tile is not None:
+        if tiling is not None:
+            scorer = Scorer(self.model, self.image_size, batch_size=batch_size)
             for source, pil in pending:
                 width, height = pil.size
-                image = pil_to_tensor(pil, (height, width))
-                score, anomaly_map = self.scorer.predict_tiled(image, tile, overlap, batch_size)
+                score, anomaly_map = scorer.predict_tiled(pil_to_tensor(pil, (height, width)), tiling)
                 yield self._result(source, pil.size, score, anomaly_map)
             return
-        batch = torch.stack([pil_to_tensor(pil, self.image_size) for _, pil in pending])
         sizes = [(pil.size[1], pil.size[0]) for _, pil in pending]
-        scores, maps = self.scorer.predict_at_sizes(batch, sizes)
+        if self.resize == "pad":
+            boxed = [letterbox(pil, self.image_size) for _, pil in pending]
+            batch, content = torch.stack([image for image, _ in boxed]), torch.tensor([box for _, box in boxed])
+        else:
+            batch, content = torch.stack([pil_to_tensor(pil, self.image_size) for _, pil in pending]), None
+        scores, maps = self.scorer.predict_at_sizes(batch, sizes, content)
         for (source, pil), score, anomaly_map in zip(pending, scores, maps, strict=True):
             yield self._result(source, pil.size, score, anomaly_map)
 

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from metaad.deploy.inference import ImageResult, Run, to_pil
 from metaad.deploy.outputs import parse_outputs
-from metaad.deploy.rendering import overlay
 from metaad.io import atomic_write
-from metaad.runs.report import map_scale, save_overlay
+from metaad.runs.rendering import map_scale, overlay
+from metaad.runs.report import save_overlay
 
 CSV_COLUMNS = ["path", "name", "score", "normalized_score", "decision", "threshold", "n_regions", "error"]
 REGION_COLUMNS = ["path", "name", "region", "area", "x", "y", "width", "height", "peak"]
@@ -73,7 +73,7 @@ def predict_images(
     - ``maps``: ``heatmaps/NAME.png``, 16-bit, one colour scale for all (``Run.colour_scale``);
     - ``masks``: ``masks/NAME.png``, the predicted defect pixels (runs with a pixel threshold);
     - ``overlays``: ``overlays/NAME.png`` at the image's own size, the heat map blended in and the predicted
-      defect outlined in white (``metaad.deploy.rendering``, what ``serve`` draws too);
+      defect outlined in white (``metaad.runs.rendering``, what ``serve`` draws too);
     - ``figures``: ``figures/NAME.png``, the image beside its overlay with a colour bar and the threshold marked.
 
     Images are written by ``writers`` threads while the model scores the next batch; the summary counts the

@@ -26,11 +26,10 @@ from pydantic import BaseModel
 from metaad import runtime
 from metaad.deploy.api_page import api_page
 from metaad.deploy.inference import Run
-from metaad.deploy.rendering import heat_colours
-from metaad.deploy.rendering import overlay as draw_overlay
 from metaad.device import select_device
 from metaad.runs.layout import read_metrics
-from metaad.runs.report import map_scale
+from metaad.runs.rendering import heat_colours, map_scale
+from metaad.runs.rendering import overlay as draw_overlay
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # decoded size limit: a small file can hold a huge image (decompression bomb)
@@ -66,6 +65,7 @@ class Prediction(BaseModel):
 class ModelInfo(BaseModel):
     method: str
     image_size: int
+    tiling: dict[str, Any] | None = None  # a run fitted on tiles: every image is scored through them
     threshold: float | None
     categories: list[str] = []  # categories with thresholds of their own (a run of several categories)
     metaad_version: str
@@ -85,6 +85,7 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
     info = ModelInfo(
         method=loaded.config.get("model", type(loaded.model).__name__),
         image_size=loaded.image_size,
+        tiling=None if loaded.tiling is None else loaded.tiling.to_config(),
         threshold=loaded.threshold,
         categories=loaded.categories,
         metaad_version=runtime.__version__,
@@ -155,7 +156,7 @@ def create_app(run: str | Path, device: str = "cpu", max_upload_bytes: int = MAX
             height=result.size[1],
             milliseconds=1000 * (time.perf_counter() - tic),
         )
-        if heatmap or overlay:  # the one rendering path of metaad.deploy.rendering, predict's scale
+        if heatmap or overlay:  # the one rendering path of metaad.runs.rendering, predict's scale
             scale = deciding.colour_scale() or map_scale(result.map)
             answer.heatmap_range = list(scale)
             if heatmap:

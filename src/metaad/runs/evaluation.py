@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from metaad.data.tiles import Tiling
 from metaad.metrics import evaluate
 from metaad.runs.scoring import Scorer
 
@@ -50,17 +51,19 @@ class Predictions:
 
 
 def predict_dataset(
-    model: nn.Module, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict"
+    model: nn.Module, dataset: Dataset, batch_size: int = 16, progress: bool = True, desc: str = "predict",
+    tiling: Tiling | None = None,
 ) -> Predictions:
-    """Predict every sample of ``dataset``, timing the model alone and the whole loop (with decoding)."""
-    scorer = Scorer(model, dataset.image_size)
+    """Predict every sample of ``dataset`` (through its tiles with ``tiling``), timing the model alone and the
+    whole loop (with decoding)."""
+    scorer = Scorer(model, dataset.image_size, tiling, batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     paths, labels, defects, scores, maps, masks, has_masks, categories = [], [], [], [], [], [], [], []
     seconds = 0.0
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
         tic = time.perf_counter()
-        prediction = scorer.predict(batch["image"])
+        prediction = scorer.predict(batch["image"], batch.get("content"))
         seconds += time.perf_counter() - tic
         paths += list(batch["path"])
         defects += list(batch["defect"])

@@ -23,6 +23,7 @@ from metaad import runtime
 from metaad.data.datasets import AnomalyDataset, DataWarning
 from metaad.data.source import DataSpec, run_split
 from metaad.data.synthetic import CATEGORIES, make_synthetic_dataset
+from metaad.data.tiles import TiledDataset, Tiling, tiled_image_size
 from metaad.data.transforms import DEFAULT_IMAGE_SIZE
 from metaad.device import on_device, select_device
 from metaad.io import write_json
@@ -66,6 +67,8 @@ def fit_and_evaluate(
     device: str = "cpu",
     shots_seed: int | None = None,
     calibration: str = "held-out",
+    tiling: Tiling | None = None,
+    resize: str = "stretch",
 ) -> dict[str, Any]:
     """Fit ``model`` on the training split, save it, set the thresholds, evaluate on the test split.
 
@@ -74,7 +77,11 @@ def fit_and_evaluate(
     had been held out (the method's ``out_of_fold``; PatchCore: the bank without that image's own patches), so
     that every good image both trains and calibrates.
 
-    Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. Trained methods
+    Images are loaded at ``image_size``, by default at :func:`loading_size` of the model. With ``tiling``
+    (:mod:`metaad.data.tiles`) the model fits on the tiles of the training images, every image is scored through
+    its tiles, and ``config.json`` records it for every later command; so it does ``resize`` ("stretch" or
+    "pad": :class:`metaad.data.datasets.AnomalyDataset`); images are then loaded by default at
+    the training images' median long side (:func:`metaad.data.tiles.tiled_image_size`). Trained methods
     checkpoint into ``out/training`` every epoch; ``resume`` continues an interrupted fit from there.
     ``shots`` draws a k-image subset with ``shots_seed`` (default: the split's seed), so that repeated
     k-shot runs over several subsets keep the same split. ``preset`` is only recorded in ``config.json`` (the
@@ -90,10 +97,16 @@ def fit_and_evaluate(
     if out_of_fold and not callable(getattr(model, "out_of_fold", None)):
         raise ValueError(f"{registered_name(model)} cannot score its training images out of fold; use "
                          "--calibration held-out")
-    image_size = loading_size(model, image_size)
+    if out_of_fold and tiling is not None:
+        raise ValueError("--calibration out-of-fold scores whole training images; with --tile use --calibration "
+                         "held-out")
     split = run_split(data, 0.0 if out_of_fold else calibration_fraction, shots, shots_seed)
-    train_set = AnomalyDataset(split.fit, image_size, on_error)
-    test_set = AnomalyDataset(split.test, image_size, on_error)
+    if tiling is not None and image_size is None:
+        image_size = tiled_image_size([record.path for record in split.fit], tiling)
+    image_size = loading_size(model, image_size)
+    train_set = AnomalyDataset(split.fit, image_size, on_error, resize)
+    fit_set = train_set if tiling is None else TiledDataset(train_set, tiling, image_size)
+    test_set = AnomalyDataset(split.test, image_size, on_error, resize)
     write_json(
         out / layout.CONFIG_FILE,
         {
@@ -103,6 +116,8 @@ def fit_and_evaluate(
             "data": vars(data),
             "categories": data.categories() if data.unified else None,
             "image_size": image_size,
+            "resize": resize,
+            "tiling": None if tiling is None else tiling.to_config(),
             "shots": shots,
             "shots_seed": data.seed if shots_seed is None else shots_seed,
             "calibration": calibration,
@@ -111,6 +126,7 @@ def fit_and_evaluate(
             "batch_size": batch_size,
             "skip_bad_files": on_error == "skip",
             "n_train": len(train_set),
+            "n_train_tiles": None if tiling is None else len(fit_set),
             "n_test": len(test_set),
             "device": str(target),
             "metaad_version": runtime.__version__,
@@ -120,7 +136,7 @@ def fit_and_evaluate(
     tic = time.perf_counter()
     model.to(target)
     model.fit(
-        DataLoader(train_set, batch_size=batch_size, shuffle=False),
+        DataLoader(fit_set, batch_size=batch_size, shuffle=False),
         progress=progress,
         workdir=out / layout.TRAINING_DIR,
         resume=resume,
@@ -135,8 +151,8 @@ def fit_and_evaluate(
     if out_of_fold:
         held = out_of_fold_predictions(fitted, train_set, batch_size)
     elif split.calibration:
-        calibration_set = AnomalyDataset(split.calibration, image_size, on_error)
-        held = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate")
+        calibration_set = AnomalyDataset(split.calibration, image_size, on_error, resize)
+        held = predict_dataset(model, calibration_set, batch_size, progress, desc="calibrate", tiling=tiling)
     if held is not None:
         calibration = held
         thresholds = unified_threshold_record(calibration, false_alarm_rate)
@@ -156,7 +172,7 @@ def fit_and_evaluate(
                 "the threshold on labelled images with 'metaad test --set-threshold'",
                 DataWarning, stacklevel=2,
             )
-    predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate")
+    predictions = predict_dataset(model, test_set, batch_size, progress, desc="evaluate", tiling=tiling)
     metrics = compute_metrics(predictions)
     decided_at = image_thresholds(predictions, thresholds)
     if "evaluation_skipped" not in metrics:  # else its images set the threshold
@@ -170,6 +186,8 @@ def fit_and_evaluate(
     )
     metrics["fitted"] = fitted.fit_summary()  # decisions the fit took from the data, e.g. PatchCore's standardisation
     metrics["n_train"] = len(train_set)
+    if tiling is not None:
+        metrics["n_train_tiles"] = len(fit_set)
     if thresholds:
         metrics["threshold"] = thresholds["threshold"]
         metrics["n_calibration_images"] = thresholds["n_calibration_images"]
@@ -218,8 +236,11 @@ def test_run(
     out = Path(out) if out is not None else Path(run) / layout.TEST_DIR
     layout.check_out_folder(out, "a report")
     model = on_device(load_model(run), device)
-    dataset = AnomalyDataset(data.records("test"), layout.run_image_size(run, image_size), on_error)
-    predictions = predict_dataset(model, dataset, batch_size, progress)
+    config = layout.read_config(run)
+    dataset = AnomalyDataset(data.records("test"), layout.run_image_size(run, image_size), on_error,
+                             config.get("resize", "stretch"))
+    tiling = Tiling.from_config(config.get("tiling"))  # the fit's tiles
+    predictions = predict_dataset(model, dataset, batch_size, progress, tiling=tiling)
     metrics = compute_metrics(predictions)
     metrics["ms_per_image"] = predictions.ms_per_image
     thresholds = layout.read_thresholds(run)

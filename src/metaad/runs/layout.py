@@ -7,6 +7,7 @@
     RUN/training/        trained methods: checkpoint, train_log.jsonl, loss_curve.png (metaad.training)
     RUN/threshold.json   the decision thresholds (image score, map value) and how they were set
     RUN/metrics.json, report.html, roc.png, pro.png, scores.csv, worst/   the report on the test split
+    RUN/report_files/    the full-size pictures report.html's thumbnails open
     RUN/test/            the report of a later ``metaad test`` (by default)
 """
 
@@ -27,9 +28,10 @@ MODEL_DIR = "model"
 TRAINING_DIR = "training"
 WORST_DIR = "worst"
 TEST_DIR = "test"
+REPORT_PICTURES_DIR = "report_files"
 REPORT_FILES = (METRICS_FILE, REPORT_PAGE, "roc.png", "pro.png", "scores.csv")
 RUN_FILES = (CONFIG_FILE, THRESHOLD_FILE, *REPORT_FILES)
-RUN_FOLDERS = (MODEL_DIR, TRAINING_DIR, WORST_DIR, TEST_DIR)
+RUN_FOLDERS = (MODEL_DIR, TRAINING_DIR, WORST_DIR, TEST_DIR, REPORT_PICTURES_DIR)
 
 
 def check_out_folder(out: Path, what: str) -> None:

@@ -15,6 +15,7 @@ from metaad.io import atomic_write, write_json
 from metaad.metrics import pro_curve, roc_curve
 from metaad.runs import html_report
 from metaad.runs.evaluation import Predictions
+from metaad.runs.rendering import map_scale
 
 
 def write_report(
@@ -65,8 +66,8 @@ def write_report(
             f"PRO curve, FPR <= 0.3 (AUPRO {metrics.get('pro', float('nan')):.3f})",
         )
     write_worst_overlays(folder / "worst", predictions, n_worst, threshold, pixel_threshold, image_thresholds)
-    html_report.write_html_report(folder, predictions, metrics, threshold,  # report.html, self-contained
-                                  image_thresholds=image_thresholds)
+    html_report.write_html_report(folder, predictions, metrics, threshold,  # report.html and report_files/
+                                  image_thresholds=image_thresholds, pixel_threshold=pixel_threshold)
     return folder
 
 
@@ -109,8 +110,8 @@ def write_worst_overlays(
             "false_alarm" if flagged else "correct_good"
         )
         defect = predictions.defects[index] if defective else "good"
-        name = f"{rank:02d}_{kind}_{_file_part(defect)}_{Path(predictions.paths[index]).stem}.png"
-        decision = "" if own is None else (" > " if flagged else " <= ") + f"threshold {own:.4g}"
+        name = f"{rank:02d}_{kind}_{html_report.file_part(defect)}_{Path(predictions.paths[index]).stem}.png"
+        decision = "" if own is None else (" > " if flagged else " <= ") + f"threshold {html_report.number(own)}"
         anomaly_map = predictions.maps[index]
         save_overlay(
             folder / name,
@@ -118,19 +119,10 @@ def write_worst_overlays(
             anomaly_map,
             scale,
             mask=predictions.masks[index] if defective else None,
-            title=f"{defect}: score {score:.3g}{decision} ({kind.replace('_', ' ')})",
+            title=f"{defect}: score {html_report.number(score)}{decision} ({kind.replace('_', ' ')})",
             predicted=None if pixel_threshold is None else anomaly_map > pixel_threshold,
             pixel_threshold=pixel_threshold,
         )
-
-
-def map_scale(maps: np.ndarray, pixel_threshold: float | None = None) -> tuple[float, float]:
-    """One colour scale for a set of anomaly maps: from their 1st percentile to twice the distance to the
-    pixel threshold, so the threshold is the middle of the colour bar (without one: 1st to 99.9th percentile)."""
-    low, high = (float(v) for v in np.percentile(maps, [1, 99.9]))
-    if pixel_threshold is not None and pixel_threshold > low:
-        high = low + 2 * (pixel_threshold - low)
-    return low, max(high, low + 1e-6)
 
 
 def save_overlay(
@@ -170,10 +162,6 @@ def save_overlay(
         axis.axis("off")
     figure.tight_layout()
     _save_figure(figure, path)
-
-
-def _file_part(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in text) or "x"
 
 
 def _plot_curve(

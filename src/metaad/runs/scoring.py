@@ -1,6 +1,7 @@
 """The one path from decoded images to scores and maps, under evaluation (``runs``), the Python API, the
-predict writer and the HTTP service (``deploy``): batches at the run's size, or overlapping tiles of a large
-image, each seen at the run's size, with maps brought back to the image's own size."""
+predict writer and the HTTP service (``deploy``): batches at the run's size, or, for a tiled run
+(:mod:`metaad.data.tiles`), each image cut into overlapping tiles that the model sees one batch of tiles at a
+time, with the tiles' maps blended back into the image's."""
 
 from __future__ import annotations
 
@@ -12,72 +13,73 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaad.data.tiles import Tiling
 from metaad.types import AnomalyPrediction
 
 
 class Scorer:
-    """A fitted ``model`` scoring images of side ``image_size`` (inputs already at that size, in [0, 1])."""
+    """A fitted ``model`` scoring images of side ``image_size`` (inputs already at that size, in [0, 1]); with
+    ``tiling``, each image through its tiles, ``batch_size`` tiles at a time."""
 
-    def __init__(self, model: nn.Module, image_size: int) -> None:
+    def __init__(self, model: nn.Module, image_size: int, tiling: Tiling | None = None, batch_size: int = 16) -> None:
         self.model = model
         self.image_size = image_size
+        self.tiling = tiling
+        self.batch_size = batch_size
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> AnomalyPrediction:
+    def predict(self, images: torch.Tensor, content: torch.Tensor | None = None) -> AnomalyPrediction:
         """Scores (B,) and maps (B, S, S) of a batch at the run's size, as CPU tensors (the model's ``predict``
-        runs them on its own device and hands them back there: ``metaad.components.estimator``)."""
-        return self.model.predict(images)
+        runs them on its own device and hands them back there: ``metaad.components.estimator``).
+
+        ``content`` (B, 4): where letterboxed images lie in their squares (``metaad.data.transforms.letterbox``);
+        each map is cut to it and stretched back over the square, the grid of a stretched image's mask."""
+        if self.tiling is None:
+            prediction = self.model.predict(images)
+        else:
+            scored = [self.predict_tiled(image, self.tiling) for image in images]
+            prediction = AnomalyPrediction(torch.tensor([score for score, _ in scored]),
+                                           torch.stack([torch.from_numpy(anomaly_map) for _, anomaly_map in scored]))
+        if content is None:
+            return prediction
+        maps = prediction.maps.float()
+        side = tuple(maps.shape[-2:])
+        out = [anomaly_map if (h, w) == side else
+               F.interpolate(anomaly_map[None, None, y : y + h, x : x + w], size=side, mode="bilinear")[0, 0]
+               for anomaly_map, (y, x, h, w) in zip(maps, content.tolist(), strict=True)]
+        return AnomalyPrediction(prediction.scores, torch.stack(out))
 
     def predict_at_sizes(
-        self, images: torch.Tensor, sizes: Sequence[tuple[int, int]]
+        self, images: torch.Tensor, sizes: Sequence[tuple[int, int]], content: torch.Tensor | None = None
     ) -> tuple[list[float], list[np.ndarray]]:
-        """Scores and float32 maps of a batch at the run's size, each map resized to its image's (H, W)."""
-        prediction = self.predict(images)
+        """Scores and float32 maps of a batch at the run's size (``content``: as :meth:`predict`), each map
+        resized to its image's (H, W)."""
+        prediction = self.predict(images, content)
         maps = [resize_map(anomaly_map, size) for anomaly_map, size in zip(prediction.maps, sizes, strict=True)]
         return [float(score) for score in prediction.scores], maps
 
     @torch.no_grad()
-    def predict_tiled(
-        self, image: torch.Tensor, tile: int, overlap: float = 0.25, batch_size: int = 16
-    ) -> tuple[float, np.ndarray]:
-        """Blend the maps of overlapping ``tile`` x ``tile`` crops of one (3, H, W) image (each resized to the
-        run's size, ``batch_size`` crops at a time) by averaging where they overlap; the image score is the
-        highest tile score, so it stays the model's own score."""
-        check_tiling(tile, overlap)
+    def predict_tiled(self, image: torch.Tensor, tiling: Tiling) -> tuple[float, np.ndarray]:
+        """Score one (3, H, W) image through its tiles (each given to the model as it is: the model resizes to its
+        own working size), averaging the tiles' maps where they overlap; the image score is the highest tile
+        score, so it stays the model's own score."""
         height, width = image.shape[-2:]
-        tile_h, tile_w = min(tile, height), min(tile, width)
-        boxes = [(y, x) for y in tile_starts(height, tile_h, overlap) for x in tile_starts(width, tile_w, overlap)]
+        boxes = tiling.boxes(height, width)
         total = torch.zeros(height, width)
         count = torch.zeros(height, width)
         best = -math.inf
-        side = self.image_size
-        for start in range(0, len(boxes), batch_size):
-            chunk = boxes[start : start + batch_size]
-            crops = torch.stack([image[:, y : y + tile_h, x : x + tile_w] for y, x in chunk])
-            crops = F.interpolate(crops, size=(side, side), mode="bilinear", antialias=True)
-            prediction = self.predict(crops.clamp_(0, 1))
+        for start in range(0, len(boxes), self.batch_size):
+            chunk = boxes[start : start + self.batch_size]
+            crops = torch.stack([image[:, y : y + h, x : x + w] for y, x, h, w in chunk])
+            prediction = self.model.predict(crops)
             best = max(best, float(prediction.scores.max()))
-            maps = F.interpolate(prediction.maps.float()[:, None], size=(tile_h, tile_w), mode="bilinear")[:, 0]
-            for (y, x), tile_map in zip(chunk, maps, strict=True):
-                total[y : y + tile_h, x : x + tile_w] += tile_map
-                count[y : y + tile_h, x : x + tile_w] += 1
+            maps = prediction.maps.float()
+            if tuple(maps.shape[-2:]) != tuple(crops.shape[-2:]):
+                maps = F.interpolate(maps[:, None], size=crops.shape[-2:], mode="bilinear")[:, 0]
+            for (y, x, h, w), tile_map in zip(chunk, maps, strict=True):
+                total[y : y + h, x : x + w] += tile_map
+                count[y : y + h, x : x + w] += 1
         return best, (total / count).numpy()
-
-
-def check_tiling(tile: int | None, overlap: float) -> None:
-    if tile is not None and tile < 8:
-        raise ValueError(f"tile must be at least 8 pixels, got {tile}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"tile_overlap must be in [0, 1), got {overlap}")
-
-
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of ``tile`` pixels covering ``length``, overlapping by at least ``overlap``."""
-    if tile >= length:
-        return [0]
-    step = max(1, int(tile * (1.0 - overlap)))
-    n = math.ceil((length - tile) / step) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 def resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

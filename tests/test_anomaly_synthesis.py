@@ -78,3 +78,48 @@ def test_no_texture_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="no texture images"):
         TextureSource(tmp_path)
+
+
+# ------------------------------------------------------------------------------ grey-level surface defects
+@pytest.mark.parametrize("kind", ["crack", "pit", "stain", "shading"])
+def test_surface_defects_are_grey_low_contrast_and_masked(kind):
+    import torch
+
+    from metaad.components.anomaly_synthesis import grey_images, surface_defects
+
+    images = torch.full((6, 3, 96, 96), 0.5)
+    simulated, masks = surface_defects(images, kinds=(kind,), generator=torch.Generator().manual_seed(0))
+    assert grey_images(simulated).all() and masks.flatten(1).amax(1).all()
+    for change, mask in zip((simulated - images).abs()[:, 0], masks[:, 0].bool(), strict=True):
+        inside, outside = change[mask], change[~mask]
+        assert inside.min() > 0 and inside.max() <= 0.3 * 0.5 + 1e-6  # at most 30% of the grey level
+        assert outside.max() <= inside.max() / 2 + 1e-6  # the mask holds the stronger half of the change
+
+
+def test_cracks_are_a_few_pixels_wide_at_any_size():
+    """A crack's area over its length (its width) is 1-3 px at 256 px and scales with the image."""
+    import torch
+
+    from metaad.components.anomaly_synthesis import surface_defects
+
+    widths = {}
+    for size in (128, 256):
+        _, masks = surface_defects(torch.full((12, 3, size, size), 0.5), kinds=("crack",),
+                                   generator=torch.Generator().manual_seed(0))
+        areas = masks.flatten(1).sum(1)
+        spans = torch.tensor([float(max(np.ptp(np.nonzero(m[0].numpy())[0]), np.ptp(np.nonzero(m[0].numpy())[1])))
+                              for m in masks])
+        widths[size] = float((areas / spans.clamp(min=1)).median())
+    assert widths[256] < 6 and widths[128] < widths[256]
+
+
+def test_anomaly_options_are_checked():
+    import torch
+
+    from metaad.components.anomaly_synthesis import simulate_anomalies
+
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="kinds"):
+        simulate_anomalies(images, images, kinds="paint")
+    with pytest.raises(ValueError, match="colour"):
+        simulate_anomalies(images, images, colour="grey")

@@ -47,7 +47,8 @@ def test_simulated_training_pairs(tmp_path):
     folder = tmp_path / "dtd" / "class"
     folder.mkdir(parents=True)
     Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "red.png")
-    model = create_model("draem", "tiny", texture_dir=str(tmp_path / "dtd"), rotation_probability=0.0)
+    model = create_model("draem", "tiny", texture_dir=str(tmp_path / "dtd"), rotation_probability=0.0,
+                         anomaly_kinds="textures")
     torch.manual_seed(0)
     good, simulated, masks = model.simulate(_train(4, 96))
     assert good.shape == simulated.shape == (4, 3, 32, 32) and masks.shape == (4, 1, 32, 32)  # at image_size
@@ -73,3 +74,50 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = create_model("draem", "tiny", **settings).fit(train, workdir=tmp_path / "resumed", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_grey_training_set_never_gets_a_coloured_anomaly(tmp_path):
+    """The default simulator takes textures in luma on grey images (and adds grey-level surface defects), so
+    colour cannot tell the simulated anomaly; the paper's preset keeps DTD's colours."""
+    from PIL import Image
+
+    from metaad.components.anomaly_synthesis import grey_images
+
+    folder = tmp_path / "dtd" / "class"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "red.png")
+    grey = _train(8, 64)[:, :1].expand(8, 3, 64, 64)
+    torch.manual_seed(0)
+    model = create_model("draem", "tiny", texture_dir=str(tmp_path / "dtd"), anomaly_probability=1.0)
+    _, simulated, masks = model.simulate(grey)
+    assert grey_images(simulated).all() and masks.flatten(1).amax(1).all()
+    paper = create_model("draem", "tiny", texture_dir=str(tmp_path / "dtd"), anomaly_probability=1.0,
+                         anomaly_colour="as_is", anomaly_kinds="textures")
+    assert (~grey_images(paper.simulate(grey)[1])).sum() >= 6  # coloured, bar an augmentation that greys one
+    assert create_model("draem", "paper").anomaly_colour == "as_is"
+
+
+@pytest.mark.parametrize("size, window", [(64, 5), (128, 11)])
+def test_score_window_scales_with_the_working_size(size, window, monkeypatch):
+    """One hot pixel in the anomaly channel: the image score is its mean over the window, 1 / window²; the
+    window is the reference's 21 px at 256 px, scaled (5 at 64 px, 11 at 128 px)."""
+    model = create_model("draem", "tiny", image_size=size)
+
+    def one_hot_pixel(images):
+        logits = torch.full((len(images), 2, size, size), 0.0)
+        logits[:, 0] = 30.0
+        logits[:, :, size // 2, size // 2] = torch.tensor([0.0, 30.0])
+        return images, logits
+
+    monkeypatch.setattr(model, "forward", one_hot_pixel)
+    scores, _ = model.export_forward(torch.rand(1, 3, size, size))
+    assert float(scores[0]) == pytest.approx(1 / window**2, rel=1e-3)
+
+
+def test_reference_initialisation():
+    model = create_model("draem", "cpu")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    weights = torch.cat([m.weight.detach().flatten() for m in convs])
+    assert weights.std() == pytest.approx(0.02, rel=0.05) and abs(float(weights.mean())) < 1e-3
+    assert torch.cat([m.weight.detach() for m in norms]).std() == pytest.approx(0.02, rel=0.2)

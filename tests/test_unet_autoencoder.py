@@ -58,3 +58,33 @@ def test_resume_is_bit_identical(tmp_path):
     resumed = create_model("unet_autoencoder", "tiny").fit(train, workdir=tmp_path / "resumed", resume=True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_map_smoothing_scales_with_the_working_size(monkeypatch):
+    """A one-pixel residual blurred by σ = 4 px at 256 px: σ 1 at 64 px and 2 at 128 px, so the peak of the
+    128 px map is a quarter of the 64 px one's (a 2-D Gaussian's peak falls as 1 / σ²)."""
+    peaks = {}
+    for size in (64, 128):
+        model = create_model("unet_autoencoder", "tiny", image_size=size)
+
+        def off_by_one_pixel(images, size=size):
+            out = images.clone()
+            out[:, :, size // 2, size // 2] += 1.0
+            return out
+
+        monkeypatch.setattr(model, "forward", off_by_one_pixel)
+        scores, _ = model.export_forward(torch.full((1, 3, size, size), 0.5))
+        peaks[size] = float(scores[0])
+    assert peaks[64] / peaks[128] == pytest.approx(4.0, rel=0.1)
+
+
+def test_a_grey_set_gets_grey_corruptions():
+    from metaad.components.anomaly_synthesis import generate_textures, grey_images, simulate_anomalies
+
+    grey = _texture(6, 0)[:, :1].expand(6, 3, SIZE, SIZE)
+    textures = generate_textures(6, (SIZE, SIZE), torch.Generator().manual_seed(0))
+    for kinds in ("textures", "surface", "mixed"):
+        simulated, masks = simulate_anomalies(grey, textures, probability=1.0, colour="auto", kinds=kinds,
+                                              generator=torch.Generator().manual_seed(1))
+        assert grey_images(simulated).all() and masks.flatten(1).amax(1).all(), kinds
+    assert create_model("unet_autoencoder").corruption_colour == "auto"

@@ -226,16 +226,137 @@ def rotate_images(images: torch.Tensor, max_degrees: float = 45.0, probability: 
     return out
 
 
+# ------------------------------------------------------------------------ anomalies that match the data
+# Grey images (three equal channels, as Magnetic Tile Defects) would let a detector find coloured simulated
+# anomalies by colour alone, a cue real grey-level defects never give; so on a grey image the textures are
+# taken in luma, and the simulator also draws grey-level surface defects: low contrast, a few pixels wide.
+# These are the training signal only; the validation defects of ``metaad.data.synthetic`` are drawn by other
+# code with other shapes, so that a validation does not measure the simulator against itself.
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+ANOMALY_COLOURS = ("auto", "as_is")
+ANOMALY_KINDS = ("textures", "surface", "mixed")
+SURFACE_DEFECTS = ("crack", "pit", "stain", "shading")
+
+
+def grey_images(images: torch.Tensor, tolerance: float = 2 / 255) -> torch.Tensor:
+    """(B,) bool: which (B, 3, H, W) images in [0, 1] have three equal channels (to ``tolerance``)."""
+    spread = images.amax(1) - images.amin(1)
+    return spread.flatten(1).amax(1) <= tolerance
+
+
+def to_luma(textures: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) textures (uint8 or floats) with each channel replaced by their luma (BT.601)."""
+    weights = torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+    luma = (textures.float() * weights).sum(1, keepdim=True).expand_as(textures)
+    return luma.round().to(torch.uint8) if textures.dtype == torch.uint8 else luma.to(textures.dtype)
+
+
+def _soft_disc(size: tuple[int, int], centre: tuple[float, float], radii: tuple[float, float],
+               angle: float) -> torch.Tensor:
+    """(H, W) in [0, 1]: 1 at the centre of a rotated ellipse, falling to 0 at its edge."""
+    ys = torch.arange(size[0], dtype=torch.float32).view(-1, 1) - centre[0]
+    xs = torch.arange(size[1], dtype=torch.float32).view(1, -1) - centre[1]
+    u = (xs * math.cos(angle) + ys * math.sin(angle)) / radii[0]
+    v = (-xs * math.sin(angle) + ys * math.cos(angle)) / radii[1]
+    return (1 - (u * u + v * v)).clamp(min=0).sqrt()
+
+
+def _crack(size: tuple[int, int], scale: float, g: torch.Generator | None) -> torch.Tensor:
+    """A branching-free random walk, 1-3 px wide at 256 px (at least 1 px), its segments 6-30 px long."""
+    height, width = size
+    y, x = _uniform(0, height, g), _uniform(0, width, g)
+    heading = _uniform(0, 2 * math.pi, g)
+    points = []
+    for _ in range(_randint(3, 9, g)):
+        heading += _uniform(-0.7, 0.7, g)
+        length = _uniform(6, 30, g) * scale
+        steps = max(2, int(length * 2))
+        for t in range(steps):
+            points.append((y + math.sin(heading) * length * t / steps, x + math.cos(heading) * length * t / steps))
+        y, x = y + math.sin(heading) * length, x + math.cos(heading) * length
+    centre = torch.zeros(1, 1, height, width)
+    rows = torch.tensor([p[0] for p in points]).round().long()
+    cols = torch.tensor([p[1] for p in points]).round().long()
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    centre[0, 0, rows[inside], cols[inside]] = 1
+    width_px = max(1, round(_uniform(1, 3, g) * scale))
+    kernel = width_px if width_px % 2 else width_px + 1
+    return F.max_pool2d(centre, kernel, stride=1, padding=kernel // 2)[0, 0, :height, :width]
+
+
+def _pits(size: tuple[int, int], scale: float, g: torch.Generator | None) -> torch.Tensor:
+    """One to three pits: soft ellipses 3-14 px across at 256 px (at least 2 px), clustered."""
+    height, width = size
+    cy, cx = _uniform(0, height, g), _uniform(0, width, g)
+    weight = torch.zeros(size)
+    for _ in range(_randint(1, 4, g)):
+        radii = (max(1.0, _uniform(1.5, 7, g) * scale), max(1.0, _uniform(1.5, 7, g) * scale))
+        centre = (cy + _uniform(-12, 12, g) * scale, cx + _uniform(-12, 12, g) * scale)
+        weight = torch.maximum(weight, _soft_disc(size, centre, radii, _uniform(0, math.pi, g)))
+    return weight
+
+
+def _stain(size: tuple[int, int], g: torch.Generator | None, coarsest: int) -> torch.Tensor:
+    """A Perlin blob with a soft edge: ``coarsest`` = 1 gives a large smooth shading, 4 a stain."""
+    cells = (2 ** _randint(0, coarsest, g), 2 ** _randint(0, coarsest, g))
+    noise = perlin_noise_torch(size, cells, g)
+    threshold = _uniform(0.2, 0.6, g)
+    return ((noise - threshold) / 0.25).clamp(0, 1)
+
+
+def surface_defects(images: torch.Tensor, *, contrast: tuple[float, float] = (0.04, 0.3),
+                    kinds: tuple[str, ...] = SURFACE_DEFECTS, generator: torch.Generator | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One grey-level defect per (B, 3, H, W) image in [0, 1]: a crack, pits, a stain or shading, darker (or,
+    one in four, lighter) by a ``contrast`` share of the local grey level, the same on every channel (a grey
+    image stays grey). Lengths are given at 256 px and scale with the image. Returns the images and their
+    (B, 1, H, W) masks (where the change is at least half its peak)."""
+    batch, _, height, width = images.shape
+    scale = min(height, width) / 256
+    out, masks = images.clone(), torch.zeros(batch, 1, height, width, dtype=images.dtype, device=images.device)
+    for i in range(batch):
+        kind = kinds[_randint(0, len(kinds), generator)]
+        for _ in range(5):
+            if kind == "crack":
+                weight = _crack((height, width), scale, generator)
+            elif kind == "pit":
+                weight = _pits((height, width), scale, generator)
+            else:
+                weight = _stain((height, width), generator, 4 if kind == "stain" else 2)
+            if weight.max() > 0.2:
+                break
+        weight = (weight / weight.max().clamp(min=1e-6)).to(images.device, images.dtype)  # peak 1
+        amount = _uniform(*contrast, generator) * (1 if float(torch.rand((), generator=generator)) < 0.75 else -1)
+        out[i] = (images[i] * (1 - amount * weight)).clamp(0, 1)
+        masks[i, 0] = (weight >= 0.5).to(images.dtype)
+    return out, masks
+
+
 def simulate_anomalies(images: torch.Tensor, textures: torch.Tensor, *, probability: float = 0.5,
                        opacity: tuple[float, float] = (0.2, 1.0), generator: torch.Generator | None = None,
+                       colour: str = "as_is", kinds: str = "textures",
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """DRAEM eq. 1 on a batch: inside a Perlin mask, blend the texture with opacity 1 − β (``opacity``: the
     reference's β ∈ [0, 0.8) gives (0.2, 1.0]); each image gets an anomaly with ``probability`` (0.5, as the
     reference). ``images``: (B, 3, H, W) floats in [0, 1]; ``textures``: (B, 3, H, W) uint8 or floats.
+
+    ``colour="auto"``: a grey image's texture is taken in luma (``"as_is"``: the paper's coloured textures);
+    ``kinds``: ``"textures"`` (the paper's), ``"surface"`` (:func:`surface_defects` only) or ``"mixed"``
+    (each anomaly one or the other, even odds).
     Returns the simulated images and their (B, 1, H, W) float masks (1 exactly where pixels were replaced).
     """
     if textures.shape != images.shape:
         raise ValueError(f"textures {tuple(textures.shape)} must match images {tuple(images.shape)}")
+    if colour not in ANOMALY_COLOURS:
+        raise ValueError(f"colour must be one of {', '.join(ANOMALY_COLOURS)}, got {colour!r}")
+    if kinds not in ANOMALY_KINDS:
+        raise ValueError(f"kinds must be one of {', '.join(ANOMALY_KINDS)}, got {kinds!r}")
+    if colour == "auto":
+        grey = grey_images(images).cpu()
+        if grey.any():
+            textures = textures.clone()
+            textures[grey] = to_luma(textures[grey])
     textures = textures.float().div(255) if textures.dtype == torch.uint8 else textures.float()
     batch, _, height, width = images.shape
     chosen = (torch.rand(batch, generator=generator) < probability).view(-1, 1, 1, 1)
@@ -243,4 +364,13 @@ def simulate_anomalies(images: torch.Tensor, textures: torch.Tensor, *, probabil
     alpha = (opacity[0] + (opacity[1] - opacity[0]) * torch.rand(batch, 1, 1, 1, generator=generator))
     masks = masks.to(images.device, images.dtype)
     alpha = alpha.to(images.device, images.dtype) * masks
-    return images * (1 - alpha) + textures.to(images.device) * alpha, masks
+    simulated = images * (1 - alpha) + textures.to(images.device) * alpha
+    if kinds == "textures":
+        return simulated, masks
+    surface = chosen.view(-1).clone()
+    if kinds == "mixed":
+        surface &= torch.rand(batch, generator=generator) < 0.5
+    if surface.any():
+        index = surface.nonzero()[:, 0].to(images.device)
+        simulated[index], masks[index] = surface_defects(images[index], generator=generator)
+    return simulated, masks

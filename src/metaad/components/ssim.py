@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metaad.components.scaling import scaled_window
+
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalised 1-D Gaussian of ``size`` taps (Wang et al. 2004 use 11 taps, sigma 1.5)."""
@@ -57,9 +59,17 @@ def ssim(
     return ssim_map(x, y, window_size, sigma, data_range).flatten(1).mean(1)
 
 
-def ssim_loss(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def ssim_loss(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size: int = 11,
+              sigma: float = 1.5) -> torch.Tensor:
     """The SSIM loss l_ssim of eq. (7): 1 - mean SSIM over the batch (0 for identical images)."""
-    return 1.0 - ssim(x, y, data_range=data_range).mean()
+    return 1.0 - ssim(x, y, window_size, sigma, data_range).mean()
+
+
+def ssim_window_at(image_size: int, window_at_256: int = 11) -> tuple[int, float]:
+    """Wang et al.'s window (11 taps, σ 1.5) as the papers use it at 256 px, scaled to ``image_size``: the
+    taps (odd, at least 3) and σ in proportion."""
+    window = max(3, scaled_window(window_at_256, image_size))
+    return window, 1.5 * window / 11
 
 
 def global_ssim(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.components.anomaly_synthesis import generate_textures, simulate_anomalies
+from metaad.components.anomaly_synthesis import ANOMALY_COLOURS, ANOMALY_KINDS, generate_textures, simulate_anomalies
 from metaad.components.estimator import marking_fitted, predict_in_batches
 from metaad.components.preprocess import Preprocess
+from metaad.components.scaling import scaled_length
 from metaad.components.smoothing import gaussian_blur
-from metaad.components.ssim import ssim_loss, ssim_map
+from metaad.components.ssim import ssim_loss, ssim_map, ssim_window_at
 from metaad.training import train_model
 from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
 
@@ -86,7 +87,12 @@ class UNetAutoencoder(nn.Module):
         map_type: ``"l2"`` (squared error, trained with the L2 loss: l2-AE) or ``"ssim"`` (1 − SSIM, trained
             with the SSIM loss: SSIM-AE), as in the MVTec AD paper.
         corruption_probability: share of training images given a synthetic defect to restore (0: plain AE).
-        blur_sigma: Gaussian smoothing of the map (0: none, as the MVTec paper).
+        corruption_colour, corruption_kinds: the corruptions' colour (``"auto"``: in luma on grey images)
+            and kinds (textures, grey-level surface defects, or either), as DRAEM's ``anomaly_colour`` and
+            ``anomaly_kinds`` (``metaad.components.anomaly_synthesis``).
+        blur_sigma: Gaussian smoothing of the map, in pixels at 256 px, scaled with ``image_size`` (0: none,
+            as the MVTec paper).
+        ssim_window: the SSIM map's window at 256 px (the MVTec paper: 11), scaled with ``image_size``.
         epochs, batch_size, lr, weight_decay: training (A.2.5: 100 epochs, batch 16, Adam lr 1e-4, wd 5e-4).
         seed: seeds the initial weights, the training order and the corruptions.
 
@@ -98,7 +104,8 @@ class UNetAutoencoder(nn.Module):
 
     SAVED_WITHOUT: ClassVar[dict[str, object]] = {}
     PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {"image_size": 256, "width": 64, "epochs": 100, "batch_size": 16, "lr": 1e-4},
+        "paper": {"image_size": 256, "width": 64, "epochs": 100, "batch_size": 16, "lr": 1e-4,
+                  "corruption_colour": "as_is", "corruption_kinds": "textures"},
         "cpu": {},
         "tiny": {"image_size": 64, "width": 8, "epochs": 3, "batch_size": 4, "lr": 3e-3},
     }
@@ -106,7 +113,8 @@ class UNetAutoencoder(nn.Module):
     def __init__(
         self,
         image_size: int = 128, width: int = 16, skips: int = 1,
-        map_type: str = "l2", corruption_probability: float = 0.5, blur_sigma: float = 4.0,
+        map_type: str = "l2", corruption_probability: float = 0.5, corruption_colour: str = "auto",
+        corruption_kinds: str = "mixed", blur_sigma: float = 4.0, ssim_window: int = 11,
         epochs: int = 25, batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0,
     ) -> None:
         super().__init__()
@@ -117,7 +125,14 @@ class UNetAutoencoder(nn.Module):
         if not 0 <= skips <= DEPTH:
             raise ValueError(f"skips must be in 0 … {DEPTH}, got {skips}")
         self.image_size, self.width, self.skips = image_size, width, skips
+        if corruption_colour not in ANOMALY_COLOURS or corruption_kinds not in ANOMALY_KINDS:
+            raise ValueError(f"corruption_colour must be one of {ANOMALY_COLOURS} and corruption_kinds one of "
+                             f"{ANOMALY_KINDS}, got {corruption_colour!r}, {corruption_kinds!r}")
+        if not isinstance(ssim_window, int) or ssim_window < 3:
+            raise ValueError(f"ssim_window must be an odd number of pixels of at least 3, got {ssim_window!r}")
         self.map_type, self.corruption_probability, self.blur_sigma = map_type, corruption_probability, blur_sigma
+        self.corruption_colour, self.corruption_kinds, self.ssim_window = (
+            corruption_colour, corruption_kinds, ssim_window)
         self.epochs, self.batch_size, self.lr, self.weight_decay, self.seed = epochs, batch_size, lr, weight_decay, seed
         self.preprocess = Preprocess(image_size)
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; the global RNG is untouched
@@ -145,10 +160,12 @@ class UNetAutoencoder(nn.Module):
         corrupted = clean
         if self.corruption_probability > 0:
             textures = generate_textures(len(clean), clean.shape[-2:])
-            corrupted, _ = simulate_anomalies(clean, textures, probability=self.corruption_probability)
+            corrupted, _ = simulate_anomalies(clean, textures, probability=self.corruption_probability,
+                                              colour=self.corruption_colour, kinds=self.corruption_kinds)
         reconstruction = self(corrupted)
         if self.map_type == "ssim":
-            return ssim_loss(reconstruction, clean)
+            window, sigma = ssim_window_at(self.image_size, self.ssim_window)
+            return ssim_loss(reconstruction, clean, window_size=window, sigma=sigma)
         return F.mse_loss(reconstruction / 0.5, clean / 0.5)
 
     def fit(self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None,
@@ -165,14 +182,15 @@ class UNetAutoencoder(nn.Module):
         the images are reflect-padded so that the map keeps their size)."""
         if self.map_type == "l2":
             return (images - reconstruction).square().sum(1, keepdim=True)
-        pad = 5
-        padded = [F.pad(x, (pad,) * 4, mode="reflect") for x in (images, reconstruction)]
-        return 1 - ssim_map(*padded, window_size=2 * pad + 1).mean(1, keepdim=True)
+        window, sigma = ssim_window_at(self.image_size, self.ssim_window)
+        padded = [F.pad(x, (window // 2,) * 4, mode="reflect") for x in (images, reconstruction)]
+        return 1 - ssim_map(*padded, window_size=window, sigma=sigma).mean(1, keepdim=True)
 
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,) (the map's maximum) and maps (B, H, W) of one batch."""
         resized = self.preprocess(images)
-        residual = gaussian_blur(self.residual_map(resized, self(resized)), self.blur_sigma)
+        sigma = scaled_length(self.blur_sigma, self.image_size)
+        residual = gaussian_blur(self.residual_map(resized, self(resized)), sigma)
         maps = F.interpolate(residual, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         return maps.flatten(1).amax(1), maps
 

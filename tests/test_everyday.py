@@ -314,7 +314,15 @@ def test_a_wrong_typed_param_is_a_one_line_error(tmp_path, param, words):
      (["fit", "--data", "MISSING", "--out", "x"], "--data MISSING: no such folder"),
      (["fit", "--data", "notes.txt", "--out", "x"], "is a file; expected the folder of a data set"),
      (["fit", "--data", "root", "--category", "wevae", "--out", "x"], "did you mean 'weave'?"),
-     (["benchmark", "--models", "fastflw", "--data", "root", "--out", "x"], "did you mean 'fastflow'?")],
+     (["benchmark", "--models", "fastflw", "--data", "root", "--out", "x"], "did you mean 'fastflow'?"),
+     (["fit", "--model", "patchcore", "--data", "root", "--param", "coreset_ratio=abc", "--out", "x"],
+      "coreset_ratio='abc' is not a valid value: expected float"),
+     (["fit", "--model", "patchcore", "--data", "root", "--param", "coreset_ration=0.1", "--out", "x"],
+      "has no parameter 'coreset_ration'; did you mean 'coreset_ratio'?"),
+     (["predict", "--run", "MISSING", "root", "--out", "x"], "--run MISSING: no such folder"),
+     (["predict", "--run", "root", "NOWHERE", "--out", "x"], "NOWHERE: no such file or folder"),
+     (["export", "--run", "notes.txt", "--out", "x.onnx"], "--run notes.txt: is a file"),
+     (["test", "--run", "MISSING", "--out", "x"], "--run MISSING: no such folder")],
 )
 def test_usage_errors_answer_in_one_line_before_torch_loads(tmp_path, args, words):
     (tmp_path / "notes.txt").write_text("not a data set")
@@ -344,6 +352,17 @@ def test_models_lists_and_describes_methods_without_torch():
                          timeout=60)
     assert one.returncode == 0 and "torch not loaded" in one.stdout
     assert "coreset_ratio = " in one.stdout and "paper: " in one.stdout
+
+
+@pytest.mark.parametrize("name", sorted(__import__("metaad.models", fromlist=["REGISTRY"]).REGISTRY))
+def test_every_settings_type_is_checked_before_torch(name):
+    """Each annotation read from the source evaluates without the class, so the command line checks every
+    --param's type before torch loads."""
+    from metaad.models import describe
+    from metaad.param_types import annotation_from_text
+
+    unread = [s.name for s in describe(name)[1] if s.annotation and annotation_from_text(s.annotation) is None]
+    assert not unread, f"{name}: annotations the torch-free check cannot read: {unread}"
 
 
 @pytest.mark.parametrize("name", sorted(__import__("metaad.models", fromlist=["REGISTRY"]).REGISTRY))

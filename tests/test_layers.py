@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "metaad"
 # low to high; a module may import its own layer and those before it
 LAYERS = [
-    {"io", "types", "device", "runtime"},
+    {"io", "types", "device", "runtime", "param_types"},
     {"backbones", "components", "data", "metrics"},
     {"training"},
     {"models"},

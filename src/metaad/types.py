@@ -157,49 +157,16 @@ def check_param_types(cls: type, settings: dict[str, Any], owner: str) -> None:
     integers for floats; an annotation this check cannot read accepts anything."""
     import typing
 
+    from metaad.param_types import conforms
+
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation that does not evaluate here: leave the constructor to check
         return
     for name, value in settings.items():
         hint = hints.get(name)
-        if hint is not None and not _conforms(value, hint):
+        if hint is not None and not conforms(value, hint):
             expected = getattr(hint, "__name__", None) if isinstance(hint, type) else None
             raise ValueError(
                 f"{owner}: parameter {name}={value!r} is not a valid value: expected {expected or hint}"
             )
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    import os
-    import types
-    import typing
-
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str | os.PathLike)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (tuple, list):
-        if not isinstance(value, tuple | list):
-            return False
-        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
-            return all(_conforms(v, args[0]) for v in value) if args else True
-        return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
-    if origin is dict:
-        return isinstance(value, dict)
-    if isinstance(hint, type):
-        return isinstance(value, hint) or (issubclass(hint, os.PathLike) and isinstance(value, str))
-    return True

@@ -187,6 +187,14 @@ def model_name(name: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown model {name!r}; {hint}available: {', '.join(sorted(MODELS))}")
 
 
+def check_run_flag(args: argparse.Namespace) -> None:
+    """``--run`` checked on the file system before torch loads: a missing folder answers at once."""
+    run = getattr(args, "run", None)
+    if run is not None and not Path(run).is_dir():
+        kind = "is a file" if Path(run).exists() else "no such folder"
+        raise ValueError(f"--run {run}: {kind}; expected a run folder (the --out folder of metaad fit)")
+
+
 def check_data_flags(args: argparse.Namespace) -> None:
     """The data flags checked on the file system before anything heavy is imported (torch takes seconds), so
     that a missing folder or a misspelt category answers at once."""
@@ -315,6 +323,10 @@ def _model_params(args: argparse.Namespace) -> dict:
 
 def run_fit(args: argparse.Namespace) -> int:
     check_data_flags(args)
+    if args.model is not None:  # names and types of --param, answered before torch loads
+        from metaad.models import check_params
+
+        check_params(args.model, {k: v for k, v in _model_params(args).items() if k != "init"})
     from metaad.models import create_model
     from metaad.runs.fit import fit_and_evaluate
     from metaad.runs.layout import prepare_run_folder, read_run_config
@@ -401,6 +413,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     check_data_flags(args)
+    check_run_flag(args)
     if args.set_threshold is not None:
         from metaad.runs.calibration import parse_target
 
@@ -434,7 +447,11 @@ def run_test(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from metaad.deploy.outputs import parse_outputs
 
-    parse_outputs(args.outputs)  # a wrong list answers before torch loads
+    parse_outputs(args.outputs)  # a wrong list, a missing run or input answers before torch loads
+    check_run_flag(args)
+    for item in args.inputs:
+        if not Path(item).exists():
+            raise ValueError(f"{item}: no such file or folder")
     from metaad.data.source import expand_inputs
     from metaad.deploy.predict import predict_images
     from metaad.runs.layout import check_out_folder

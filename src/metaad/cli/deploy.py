@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from metaad.cli.commands import check_run_flag
+
+    check_run_flag(args)
     from metaad.deploy.export import export_run
 
     try:
@@ -53,6 +56,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from metaad.cli.commands import check_run_flag
+
+    check_run_flag(args)
     try:
         from metaad.deploy.serve import serve
     except ImportError as error:

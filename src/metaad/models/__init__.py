@@ -94,6 +94,7 @@ class Setting:
     default: str  # the default as written in the signature
     presets: dict[str, str]  # preset -> value, where the preset sets it
     meaning: str  # from the class docstring's Args section ("" where it says nothing)
+    annotation: str = ""  # the type as written in the signature ("" where it has none)
 
 
 def describe(name: str) -> tuple[list[str], list[Setting]]:
@@ -132,8 +133,30 @@ def describe(name: str) -> tuple[list[str], list[Setting]]:
                 argument.arg, "" if default is None else ast.unparse(default),
                 {p: values[argument.arg] for p, values in presets.items() if argument.arg in values},
                 meanings.get(argument.arg) or _mention(docstring, argument.arg),
+                "" if argument.annotation is None else ast.unparse(argument.annotation),
             ))
     return list(presets), settings
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """``params`` of the method ``name`` checked against its signature as the source writes it (names and
+    types, :func:`describe`), without importing torch: a one-line error for an unknown or wrong-typed one.
+    Annotations naming the library's own classes are left to :func:`create_model`'s check."""
+    import difflib
+
+    from metaad.param_types import annotation_from_text, conforms
+
+    settings = {setting.name: setting for setting in describe(name)[1]}
+    for key, value in params.items():
+        setting = settings.get(key)
+        if setting is None:
+            close = difflib.get_close_matches(key, settings, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"model {name!r} has no parameter {key!r}; {hint}accepted: {', '.join(settings)}")
+        hint_type = annotation_from_text(setting.annotation) if setting.annotation else None
+        if hint_type is not None and not conforms(value, hint_type):
+            raise ValueError(f"model {name!r}: parameter {key}={value!r} is not a valid value: expected "
+                             f"{setting.annotation}")
 
 
 def _mention(docstring: str, name: str) -> str:

@@ -134,3 +134,18 @@ def test_readme_example_runs_with_onnxruntime_and_numpy_alone(exported, tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "anomalous" in result.stdout
+
+
+def test_glance_graph_computes_its_idw_table_instead_of_storing_it(tmp_path):
+    """The IDW weights are grid² × side² floats (at the cpu preset's 256 px and 20 × 20 patches, 105 MB): the
+    exported graph computes them from the patch centres, so the file holds the weights of the networks only."""
+    model = create_model("glance", "tiny", grid=8).fit(_texture(8, 0)).eval()
+    path = tmp_path / "glance.onnx"
+    export_onnx(model, path, RUN_SIZE, {"method": "glance"})
+    table_bytes = 4 * model.grid**2 * model.image_size**2
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert path.stat().st_size < weight_bytes + table_bytes / 2, (path.stat().st_size, weight_bytes, table_bytes)
+    images = _with_defect(_texture(2, 1, RUN_SIZE))
+    scores, maps = run_onnx(onnx_session(path), images.numpy())
+    expected = model.predict(images)
+    assert np.abs(scores - expected.scores.numpy()).max() < 1e-4 and maps.shape == (2, RUN_SIZE, RUN_SIZE)

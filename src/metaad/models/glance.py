@@ -209,13 +209,14 @@ def grid_origins(image_size: int, patch_size: int, grid: int) -> torch.Tensor:
 
 def idw_weights(points: torch.Tensor, size: int, power: float) -> torch.Tensor:
     """(size², N) inverse-distance weights (Bartier & Keller 1996) of N (y, x) ``points`` at each pixel of a
-    size × size grid: wᵢ = d⁻ᵖ normalised to sum 1; a pixel on a point takes that point's value alone."""
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=points.dtype), torch.arange(size, dtype=points.dtype),
-                            indexing="ij")
-    pixels = torch.stack([ys.flatten(), xs.flatten()], 1)
-    distance = torch.cdist(pixels, points)  # (P, N)
-    on_point = distance < 1e-6
-    weights = torch.where(on_point, 1.0, distance.clamp(min=1e-6).pow(-power))
+    size × size grid: wᵢ = d⁻ᵖ normalised to sum 1; a pixel on a point takes that point's value alone.
+    Elementwise ops only, so that an exported graph computes the table instead of storing it."""
+    coords = torch.arange(size, dtype=points.dtype, device=points.device)
+    dy = coords.view(size, 1, 1) - points[:, 0].view(1, 1, -1)  # (S, 1, N)
+    dx = coords.view(1, size, 1) - points[:, 1].view(1, 1, -1)  # (1, S, N)
+    squared = (dy * dy + dx * dx).reshape(size * size, -1)  # (P, N)
+    on_point = squared < 1e-12
+    weights = torch.where(on_point, 1.0, squared.clamp(min=1e-12).pow(-power / 2))  # a scalar: no P × N constant
     weights = torch.where(on_point.any(1, keepdim=True), on_point.to(points.dtype), weights)
     return weights / weights.sum(1, keepdim=True)
 
@@ -528,6 +529,10 @@ class Glance(nn.Module):
                 for image, image_patches in zip(full, patches, strict=True)
             ])
         else:  # the batch's images side by side, each hidden square in turn
+            # a zero that depends on the input: the exporter folds whatever derives from constants alone, and the
+            # hidden-square masks and the IDW table (grid² × side² floats each) would be stored in the graph
+            zero = full.flatten()[:1].isnan().sum() * 0
+            origins = origins + zero
             parts = []
             for part in range(0, len(origins), chunk):
                 masks = hidden_square_masks(origins[part : part + chunk], p, side).to(full)  # (n, 1, S, S)
@@ -537,7 +542,11 @@ class Glance(nn.Module):
                 local = self.local_features(patches[:, part : part + n].reshape(-1, 3, p, p))
                 parts.append(self.patch_scores(g, local).view(-1, n))
             scores = torch.cat(parts, 1)  # (B, N)
-        fused = (scores @ self._idw_weights(full.device).T).view(-1, 1, side, side)
+        if incremental:
+            weights = self._idw_weights(full.device)
+        else:  # computed from the (input-anchored) origins: the exported graph holds no grid² × side² table
+            weights = idw_weights(origins.to(full) + (p - 1) / 2, side, self.idw_power)
+        fused = (scores @ weights.T).view(-1, 1, side, side)
         return F.interpolate(fused, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
     def predict(self, images: torch.Tensor) -> AnomalyPrediction:

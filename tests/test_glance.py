@@ -158,3 +158,18 @@ def test_the_stages_run_in_order_each_with_its_own_loss(tmp_path, monkeypatch):
         ("Glance", 1, 4, ["dad_head", "global_net"]),
     ]
     assert all((tmp_path / "run" / folder / "train_log.jsonl").is_file() for folder in ("pretrain", "local", "."))
+
+
+def test_stains_on_grey_patches_are_grey_unless_asked_otherwise():
+    from metaad.components.anomaly_synthesis import grey_images
+    from metaad.models.glance import random_stains
+
+    grey = torch.rand(16, 1, 33, 33).expand(16, 3, 33, 33)
+    torch.manual_seed(0)
+    stained = random_stains(grey, grey=grey_images(grey))
+    torch.manual_seed(0)
+    coloured = random_stains(grey)
+    assert grey_images(stained).all() and (stained != grey).any()
+    assert (~grey_images(coloured)).sum() >= 14
+    assert ((stained != grey).any(1) == (coloured != grey).any(1)).float().mean() > 0.99  # the same ellipses
+    assert create_model("glance", "paper").stain_colour == "as_is" and create_model("glance").stain_colour == "auto"

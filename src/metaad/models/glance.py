@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.backbones import Backbone
+from metaad.components.anomaly_synthesis import ANOMALY_COLOURS, grey_images, to_luma
 from metaad.components.estimator import marking_fitted, predict_in_batches
 from metaad.components.partial_conv import PartialConv2d, masked_max_pool
 from metaad.components.preprocess import Preprocess, resize
@@ -186,8 +187,11 @@ class DADHead(nn.Module):
         return self.body(torch.cat([global_feature, local_feature], 1))
 
 
-def random_stains(patches: torch.Tensor, min_axis: float = 2.0, max_axis: float = 10.0) -> torch.Tensor:
-    """Each patch with one stain (C.1): a filled ellipse of random centre, axes, angle and colour (global RNG)."""
+def random_stains(patches: torch.Tensor, min_axis: float = 2.0, max_axis: float = 10.0,
+                  grey: torch.Tensor | None = None) -> torch.Tensor:
+    """Each patch with one stain (C.1): a filled ellipse of random centre, axes, angle and colour (global RNG).
+    ``grey`` (B,) bool: those patches' stains take their colour's luma, so that on a grey image colour alone
+    cannot tell a stained patch (the same draws either way)."""
     b, _, h, w = patches.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=patches.dtype), torch.arange(w, dtype=patches.dtype), indexing="ij")
     centre = torch.rand(b, 2) * torch.tensor([h - 1.0, w - 1.0])  # drawn on the CPU: the same stains on any device
@@ -198,6 +202,8 @@ def random_stains(patches: torch.Tensor, min_axis: float = 2.0, max_axis: float 
     u, v = dx * cos + dy * sin, -dx * sin + dy * cos
     inside = ((u / axes[:, 1, None, None]) ** 2 + (v / axes[:, 0, None, None]) ** 2 <= 1).unsqueeze(1)
     colour = torch.rand(b, 3, 1, 1, dtype=patches.dtype)
+    if grey is not None and grey.any():
+        colour = torch.where(grey.cpu().view(-1, 1, 1, 1), to_luma(colour), colour)
     return torch.where(inside.to(patches.device), colour.to(patches.device), patches)
 
 
@@ -316,6 +322,9 @@ class Glance(nn.Module):
         grid, idw_power: C.1: 20 × 20 patches per image, IDW with p = 5.
         one_class: C.2's protocol: the whole image resized to the patch size is the patch, the Global-Net sees
             the whole image unmasked, the negative is another image of the batch; map = the image's score.
+        stain_colour: ``"auto"``: the negative patches' stains are grey on grey images (their colour's luma), so
+            that the DAD head cannot learn colour for a mismatch where real defects have none; ``"as_is"``: C.1's
+            random colours everywhere (the paper preset).
         seed: seeds the layers, training order and crops.
 
     Each training step crops one random patch per image (the paper: 50K + 200K iterations; here epochs over the
@@ -339,7 +348,7 @@ class Glance(nn.Module):
     PREDICT_BATCH: ClassVar[int] = 8  # images per predict pass
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"local_epochs": 1050, "global_epochs": 16800, "local_batch_size": 16, "batch_size": 64,
-                  "dad_lr_ratio": 0.1},
+                  "dad_lr_ratio": 0.1, "stain_colour": "as_is"},
         "cpu": {"local_epochs": 4, "global_epochs": 8},
         "tiny": {"local_epochs": 3, "global_epochs": 3, "local_batch_size": 4, "batch_size": 4, "grid": 3,
                  "teacher_size": 33},
@@ -355,7 +364,7 @@ class Glance(nn.Module):
         lambda_k: float = 1.0, lambda_c: float = 1.0,
         global_epochs: int = 8, global_lr: float = 1e-4, dad_lr_ratio: float = 1.0, batch_size: int = 16,
         lambda_t: float = 0.01, margin: float = 1.0, lambda_s: float = 0.8,
-        grid: int = 20, idw_power: float = 5.0, one_class: bool = False, seed: int = 0,
+        grid: int = 20, idw_power: float = 5.0, one_class: bool = False, stain_colour: str = "auto", seed: int = 0,
     ) -> None:
         super().__init__()
         if image_size < GLOBAL_MIN_SIZE:
@@ -371,7 +380,10 @@ class Glance(nn.Module):
         self.global_epochs, self.global_lr = global_epochs, global_lr
         self.dad_lr_ratio, self.batch_size = dad_lr_ratio, batch_size
         self.lambda_t, self.margin, self.lambda_s = lambda_t, margin, lambda_s
+        if stain_colour not in ANOMALY_COLOURS:
+            raise ValueError(f"stain_colour must be one of {', '.join(ANOMALY_COLOURS)}, got {stain_colour!r}")
         self.grid, self.idw_power, self.one_class, self.seed = grid, idw_power, one_class, seed
+        self.stain_colour = stain_colour
         self.teacher = Backbone(backbone, (teacher_layer,))
         self.preprocess = Preprocess(image_size)
         self.teacher_input = Preprocess(teacher_size, normalization=self.teacher.normalization)
@@ -411,7 +423,10 @@ class Glance(nn.Module):
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
         """DAD cross-entropy on matching / stained (C.1) or other-image (C.2) patches + λt · triplet."""
         patches, full, mask = training_patches(images, self.image_size, self.patch_size, self.one_class)
-        negatives = patches.roll(1, 0) if self.one_class else random_stains(patches)
+        if self.one_class:
+            negatives = patches.roll(1, 0)
+        else:
+            negatives = random_stains(patches, grey=grey_images(patches) if self.stain_colour == "auto" else None)
         with torch.no_grad():
             positive, negative = self.local_features(torch.cat([patches, negatives])).chunk(2)
         g = self.global_net(full, mask)

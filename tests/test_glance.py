@@ -173,3 +173,15 @@ def test_stains_on_grey_patches_are_grey_unless_asked_otherwise():
     assert (~grey_images(coloured)).sum() >= 14
     assert ((stained != grey).any(1) == (coloured != grey).any(1)).float().mean() > 0.99  # the same ellipses
     assert create_model("glance", "paper").stain_colour == "as_is" and create_model("glance").stain_colour == "auto"
+
+
+def test_dad_head_logits_are_leaky_as_table_3_or_linear():
+    from metaad.models.glance import DADHead
+
+    torch.manual_seed(0)
+    leaky, linear = DADHead(1.0), DADHead(1.0, leaky_logits=False)
+    linear.load_state_dict(leaky.state_dict())
+    g, local = torch.randn(64, 128), torch.randn(64, 128)
+    raw, squeezed = linear(g, local), leaky(g, local)
+    assert (raw < 0).any()
+    assert torch.allclose(squeezed, torch.where(raw < 0, 0.01 * raw, raw), atol=1e-6)

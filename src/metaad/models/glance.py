@@ -175,12 +175,15 @@ class ScaledLinear(nn.Linear):
 
 
 class DADHead(nn.Module):
-    """Supp. Table 3: 256 → FC 128 → leaky ReLU → FC 2 → leaky ReLU (slope 1e-2) → (softmax in the loss)."""
+    """Supp. Table 3: 256 → FC 128 → leaky ReLU → FC 2 → leaky ReLU (slope 1e-2) → (softmax in the loss).
+    ``leaky_logits=False`` leaves the logits linear: a leaky ReLU on them squeezes a negative logit 100-fold,
+    which can stall the head (both logits negative: their difference, and its gradient, almost vanish)."""
 
-    def __init__(self, lr_scale: float) -> None:
+    def __init__(self, lr_scale: float, leaky_logits: bool = True) -> None:
         super().__init__()
+        last = nn.LeakyReLU(1e-2) if leaky_logits else nn.Identity()
         self.body = nn.Sequential(
-            ScaledLinear(256, 128, lr_scale), nn.LeakyReLU(1e-2), ScaledLinear(128, 2, lr_scale), nn.LeakyReLU(1e-2)
+            ScaledLinear(256, 128, lr_scale), nn.LeakyReLU(1e-2), ScaledLinear(128, 2, lr_scale), last
         )
 
     def forward(self, global_feature: torch.Tensor, local_feature: torch.Tensor) -> torch.Tensor:
@@ -316,6 +319,7 @@ class Glance(nn.Module):
             with synthetic surface defects (``benchmarks/epoch_validation.py``, no test image; figures in
             ``benchmarks/NOTES.md``): with the paper's ratio the head barely moves in the few hundred steps of a
             CPU budget (the paper trains 200K iterations).
+        leaky_logits: Table 3's leaky ReLU on the DAD head's two logits (False: linear logits).
         lambda_t, margin: weight of the triplet term (C.1: 0.01) and its margin (not given: 1).
         lambda_s: weight of the DAD head's mismatch probability in a patch's score (C.1: 0.8); the rest goes to
             the global-local cosine distance (1 − cos)/2 (the main paper's distance term, here on a 0-1 scale).
@@ -362,7 +366,8 @@ class Glance(nn.Module):
         pretrain_folders: tuple[str, ...] = (), pretrain_epochs: int = 1,
         local_epochs: int = 8, local_lr: float = 2e-4, local_batch_size: int = 16,
         lambda_k: float = 1.0, lambda_c: float = 1.0,
-        global_epochs: int = 8, global_lr: float = 1e-4, dad_lr_ratio: float = 1.0, batch_size: int = 16,
+        global_epochs: int = 8, global_lr: float = 1e-4, dad_lr_ratio: float = 1.0, leaky_logits: bool = True,
+        batch_size: int = 16,
         lambda_t: float = 0.01, margin: float = 1.0, lambda_s: float = 0.8,
         grid: int = 20, idw_power: float = 5.0, one_class: bool = False, stain_colour: str = "auto", seed: int = 0,
     ) -> None:
@@ -378,7 +383,7 @@ class Glance(nn.Module):
         self.local_epochs, self.local_lr, self.local_batch_size = local_epochs, local_lr, local_batch_size
         self.lambda_k, self.lambda_c = lambda_k, lambda_c
         self.global_epochs, self.global_lr = global_epochs, global_lr
-        self.dad_lr_ratio, self.batch_size = dad_lr_ratio, batch_size
+        self.dad_lr_ratio, self.leaky_logits, self.batch_size = dad_lr_ratio, leaky_logits, batch_size
         self.lambda_t, self.margin, self.lambda_s = lambda_t, margin, lambda_s
         if stain_colour not in ANOMALY_COLOURS:
             raise ValueError(f"stain_colour must be one of {', '.join(ANOMALY_COLOURS)}, got {stain_colour!r}")
@@ -392,7 +397,7 @@ class Glance(nn.Module):
             self.local_net = LocalNet()
             self.decoder = nn.Linear(128, self.teacher.channels[0])
             self.global_net = GlobalNet()
-            self.dad_head = DADHead(dad_lr_ratio)
+            self.dad_head = DADHead(dad_lr_ratio, leaky_logits)
         self.register_buffer("descriptor_mean", torch.zeros(128))
         self.register_buffer("descriptor_std", torch.ones(128))
         self.register_buffer("fitted", torch.tensor(False))

@@ -185,3 +185,23 @@ def test_dad_head_logits_are_leaky_as_table_3_or_linear():
     raw, squeezed = linear(g, local), leaky(g, local)
     assert (raw < 0).any()
     assert torch.allclose(squeezed, torch.where(raw < 0, 0.01 * raw, raw), atol=1e-6)
+
+
+def test_one_dense_local_pass_equals_the_patches_own_passes():
+    """On the 4 px step, each location of the Local-Net's dense map is exactly one 33 px patch's descriptor."""
+    from metaad.models.glance import LOCAL_STRIDE
+
+    torch.manual_seed(0)
+    model = create_model("glance", "tiny", grid=6).eval()
+    side = model.image_size
+    full = torch.rand(2, 3, side, side)
+    origins = grid_origins(side, 33, 6, LOCAL_STRIDE)
+    assert (origins % 4 == 0).all() and origins.max() <= side - 33 and len(origins.unique(dim=0)) == 36
+    rows, cols = origins[:, :1] + torch.arange(33), origins[:, 1:] + torch.arange(33)
+    patches = full[:, :, rows[:, :, None], cols[:, None, :]].transpose(1, 2)
+    with torch.no_grad():
+        dense = model._grid_local_features(full, origins, patches)
+        one_by_one = model.local_features(patches.reshape(-1, 3, 33, 33)).view(2, 36, -1)
+    torch.testing.assert_close(dense, one_by_one, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs images of at least"):
+        grid_origins(64, 33, 20, LOCAL_STRIDE)

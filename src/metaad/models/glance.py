@@ -31,6 +31,9 @@ from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSetting
 GLOBAL_MIN_SIZE = 243  # the smallest input Table 2's unpadded layers reduce to 1×1
 
 
+LOCAL_STRIDE = 4  # the Local-Net's two 2 × 2 poolings: its dense map moves 4 px a step
+
+
 class LocalNet(nn.Module):
     """Supp. Table 1: 33×33×3 → 128, leaky ReLU slope 5e-3, no padding."""
 
@@ -210,9 +213,14 @@ def random_stains(patches: torch.Tensor, min_axis: float = 2.0, max_axis: float 
     return torch.where(inside.to(patches.device), colour.to(patches.device), patches)
 
 
-def grid_origins(image_size: int, patch_size: int, grid: int) -> torch.Tensor:
-    """Top-left corners (grid², 2) of ``grid`` × ``grid`` patches spread uniformly, in raster order (C.1)."""
-    steps = torch.linspace(0, image_size - patch_size, grid).round().long()
+def grid_origins(image_size: int, patch_size: int, grid: int, stride: int = 1) -> torch.Tensor:
+    """Top-left corners (grid², 2) of ``grid`` × ``grid`` patches spread uniformly, in raster order (C.1), on
+    multiples of ``stride`` pixels (``LOCAL_STRIDE``: where one dense Local-Net pass has each patch's descriptor)."""
+    last = (image_size - patch_size) // stride
+    if grid > last + 1:
+        raise ValueError(f"a {grid} x {grid} grid of {patch_size} px patches on a {stride} px step needs images of at "
+                         f"least {(grid - 1) * stride + patch_size} px, got {image_size}")
+    steps = torch.linspace(0, last, grid).round().long() * stride
     return torch.cartesian_prod(steps, steps)
 
 
@@ -511,9 +519,25 @@ class Glance(nn.Module):
         key = (self.image_size, self.patch_size, self.grid, self.idw_power, device)
         if self._idw_cache is None or self._idw_cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                centres = grid_origins(self.image_size, self.patch_size, self.grid).float() + (self.patch_size - 1) / 2
+                centres = self._grid().float() + (self.patch_size - 1) / 2
                 self._idw_cache = (key, idw_weights(centres, self.image_size, self.idw_power).to(device))
         return self._idw_cache[1]
+
+    def _grid(self) -> torch.Tensor:
+        """The scoring grid's patch origins (C.1's 20 × 20), on the Local-Net's 4 px step."""
+        return grid_origins(self.image_size, self.patch_size, self.grid, LOCAL_STRIDE)
+
+    def _grid_local_features(self, full: torch.Tensor, origins: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, 128) standardised descriptors of the patches at ``origins``: from one dense Local-Net pass over
+        each image where the patches lie on its 4 px step (no padding: each location of the dense map is
+        exactly one patch's pass, at a sixth of the cost of 400 overlapping ones); else patch by patch."""
+        if self.patch_size == 33 and bool((origins % LOCAL_STRIDE == 0).all()):
+            dense = self.local_net.body(full)  # (B, 128, h, w)
+            cells = origins // LOCAL_STRIDE
+            found = dense[:, :, cells[:, 0], cells[:, 1]].transpose(1, 2)
+            return (found - self.descriptor_mean) / self.descriptor_std
+        b, n = patches.shape[:2]
+        return self.local_features(patches.reshape(b * n, *patches.shape[2:])).view(b, n, -1)
 
     @torch.inference_mode()
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
@@ -534,19 +558,20 @@ class Glance(nn.Module):
             scores = self.patch_scores(g, self.local_features(resize(images, self.patch_size)))
             return scores[:, None, None].expand(-1, *images.shape[-2:]).clone()
         side, p = self.image_size, self.patch_size
-        origins = grid_origins(side, p, self.grid)
+        origins = self._grid()
         rows, cols = origins[:, :1] + torch.arange(p), origins[:, 1:] + torch.arange(p)
         patches = full[:, :, rows[:, :, None], cols[:, None, :]].transpose(1, 2)  # (B, N, 3, p, p)
         if incremental:  # image by image: each image's unmasked pass is shared by its N masked ones
+            local = self._grid_local_features(full, origins, patches)  # (B, N, 128)
             scores = torch.stack([
                 torch.cat([
                     self.patch_scores(
                         self.global_net.masked_patch_features(image, origins[part : part + chunk], p),
-                        self.local_features(image_patches[part : part + chunk]),
+                        image_local[part : part + chunk],
                     )
                     for part in range(0, len(origins), chunk)
                 ])
-                for image, image_patches in zip(full, patches, strict=True)
+                for image, image_local in zip(full, local, strict=True)
             ])
         else:  # the batch's images side by side, each hidden square in turn
             # a zero that depends on the input: the exporter folds whatever derives from constants alone, and the

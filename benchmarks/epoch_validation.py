@@ -23,8 +23,10 @@ import metaad  # noqa: F401  (first: OpenMP passive waiting must be set before t
 
 # isort: split
 import argparse
+import copy
 import json
 import random
+import statistics
 import time
 
 import torch
@@ -155,9 +157,6 @@ def main() -> None:
 def epochs_in_budget(model: TrainableModel, images: torch.Tensor, minutes: float, steps: int = 4) -> int:
     """How many epochs of ``model``'s training on ``images`` fit in ``minutes``: the median of ``steps`` timed
     optimiser steps (after one untimed) times the steps of an epoch. The timed copy is thrown away."""
-    import copy
-    import statistics
-
     probe = copy.deepcopy(model).train()
     settings = probe.training_settings()
     optimizer = torch.optim.Adam(probe.parameters(), lr=settings.lr)

@@ -123,3 +123,12 @@ def test_anomaly_options_are_checked():
         simulate_anomalies(images, images, kinds="paint")
     with pytest.raises(ValueError, match="colour"):
         simulate_anomalies(images, images, colour="grey")
+
+
+@pytest.mark.parametrize("name, setting", [("draem", "anomaly_kinds"), ("unet_autoencoder", "corruption_colour"),
+                                           ("glance", "stain_colour")])
+def test_each_method_names_its_anomaly_setting_when_it_is_wrong(name, setting):
+    from metaad.models import create_model
+
+    with pytest.raises(ValueError, match=f"{setting} must be one of"):
+        create_model(name, "tiny", **{setting: "paint"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from metaad.cli.checks import check_run_flag
+
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -42,8 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from metaad.cli.commands import check_run_flag
-
     check_run_flag(args)
     from metaad.deploy.export import export_run
 
@@ -56,8 +56,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from metaad.cli.commands import check_run_flag
-
     check_run_flag(args)
     try:
         from metaad.deploy.serve import serve

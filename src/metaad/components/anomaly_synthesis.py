@@ -239,6 +239,15 @@ ANOMALY_KINDS = ("textures", "surface", "mixed")
 SURFACE_DEFECTS = ("crack", "pit", "stain", "shading")
 
 
+def check_anomaly_options(colour: str, kinds: str | None = None, names: tuple[str, str] = ("colour", "kinds")) -> None:
+    """A one-line error naming the setting (``names``: how the caller calls them) when ``colour`` is not one
+    of :data:`ANOMALY_COLOURS` or ``kinds`` (None: not checked) not one of :data:`ANOMALY_KINDS`."""
+    if colour not in ANOMALY_COLOURS:
+        raise ValueError(f"{names[0]} must be one of {', '.join(ANOMALY_COLOURS)}, got {colour!r}")
+    if kinds is not None and kinds not in ANOMALY_KINDS:
+        raise ValueError(f"{names[1]} must be one of {', '.join(ANOMALY_KINDS)}, got {kinds!r}")
+
+
 def grey_images(images: torch.Tensor, tolerance: float = 2 / 255) -> torch.Tensor:
     """(B,) bool: which (B, 3, H, W) images in [0, 1] have three equal channels (to ``tolerance``)."""
     spread = images.amax(1) - images.amin(1)
@@ -348,10 +357,7 @@ def simulate_anomalies(images: torch.Tensor, textures: torch.Tensor, *, probabil
     """
     if textures.shape != images.shape:
         raise ValueError(f"textures {tuple(textures.shape)} must match images {tuple(images.shape)}")
-    if colour not in ANOMALY_COLOURS:
-        raise ValueError(f"colour must be one of {', '.join(ANOMALY_COLOURS)}, got {colour!r}")
-    if kinds not in ANOMALY_KINDS:
-        raise ValueError(f"kinds must be one of {', '.join(ANOMALY_KINDS)}, got {kinds!r}")
+    check_anomaly_options(colour, kinds)
     if colour == "auto":
         grey = grey_images(images).cpu()
         if grey.any():

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.components.anomaly_synthesis import (
-    ANOMALY_COLOURS,
-    ANOMALY_KINDS,
     TextureSource,
     augment_textures,
+    check_anomaly_options,
     rotate_images,
     simulate_anomalies,
 )
@@ -183,9 +182,7 @@ class Draem(nn.Module):
         self.image_size, self.reconstructive_width = image_size, reconstructive_width
         self.discriminative_width = discriminative_width
         self.texture_dir = str(texture_dir) if texture_dir is not None else None
-        if anomaly_colour not in ANOMALY_COLOURS or anomaly_kinds not in ANOMALY_KINDS:
-            raise ValueError(f"anomaly_colour must be one of {ANOMALY_COLOURS} and anomaly_kinds one of "
-                             f"{ANOMALY_KINDS}, got {anomaly_colour!r}, {anomaly_kinds!r}")
+        check_anomaly_options(anomaly_colour, anomaly_kinds, ("anomaly_colour", "anomaly_kinds"))
         if not isinstance(score_window, int) or score_window < 1:
             raise ValueError(f"score_window must be a positive number of pixels, got {score_window!r}")
         self.anomaly_probability, self.anomaly_colour, self.anomaly_kinds = (

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaad.backbones import Backbone
-from metaad.components.anomaly_synthesis import ANOMALY_COLOURS, grey_images, to_luma
+from metaad.components.anomaly_synthesis import check_anomaly_options, grey_images, to_luma
 from metaad.components.estimator import marking_fitted, predict_in_batches
 from metaad.components.partial_conv import PartialConv2d, masked_max_pool
 from metaad.components.preprocess import Preprocess, resize
@@ -393,8 +393,7 @@ class Glance(nn.Module):
         self.global_epochs, self.global_lr = global_epochs, global_lr
         self.dad_lr_ratio, self.leaky_logits, self.batch_size = dad_lr_ratio, leaky_logits, batch_size
         self.lambda_t, self.margin, self.lambda_s = lambda_t, margin, lambda_s
-        if stain_colour not in ANOMALY_COLOURS:
-            raise ValueError(f"stain_colour must be one of {', '.join(ANOMALY_COLOURS)}, got {stain_colour!r}")
+        check_anomaly_options(stain_colour, names=("stain_colour", ""))
         self.grid, self.idw_power, self.one_class, self.seed = grid, idw_power, one_class, seed
         self.stain_colour = stain_colour
         self.teacher = Backbone(backbone, (teacher_layer,))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaad.components.anomaly_synthesis import ANOMALY_COLOURS, ANOMALY_KINDS, generate_textures, simulate_anomalies
+from metaad.components.anomaly_synthesis import check_anomaly_options, generate_textures, simulate_anomalies
 from metaad.components.estimator import marking_fitted, predict_in_batches
 from metaad.components.preprocess import Preprocess
 from metaad.components.scaling import scaled_length
@@ -125,9 +125,7 @@ class UNetAutoencoder(nn.Module):
         if not 0 <= skips <= DEPTH:
             raise ValueError(f"skips must be in 0 … {DEPTH}, got {skips}")
         self.image_size, self.width, self.skips = image_size, width, skips
-        if corruption_colour not in ANOMALY_COLOURS or corruption_kinds not in ANOMALY_KINDS:
-            raise ValueError(f"corruption_colour must be one of {ANOMALY_COLOURS} and corruption_kinds one of "
-                             f"{ANOMALY_KINDS}, got {corruption_colour!r}, {corruption_kinds!r}")
+        check_anomaly_options(corruption_colour, corruption_kinds, ("corruption_colour", "corruption_kinds"))
         if not isinstance(ssim_window, int) or ssim_window < 3:
             raise ValueError(f"ssim_window must be an odd number of pixels of at least 3, got {ssim_window!r}")
         self.map_type, self.corruption_probability, self.blur_sigma = map_type, corruption_probability, blur_sigma

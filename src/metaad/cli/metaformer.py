@@ -1,8 +1,10 @@
 """``metaad meta-train``: unsupervised meta-training of a universal Metaformer (Algorithm 1).
 
-Single process:  metaad meta-train --wild DIR [DIR ...] --out DIR --preset cpu
-Data-parallel:   torchrun --nproc-per-node N -m metaad.cli.main meta-train ...  (tasks split across ranks)
-Then adapt and evaluate:  metaad fit --model metaformer --init OUT/universal.safetensors --shots K ...
+Feature space (the default):  metaad meta-train --wild DIR [DIR ...] --out DIR [--param adapt_steps=30 ...]
+Pixel space (the paper's):    metaad meta-train --space pixel --wild DIR ... --out DIR --preset cpu|paper
+  data-parallel:               torchrun --nproc-per-node N -m metaad.cli.main meta-train --space pixel ...
+Then adapt and evaluate:  metaad fit --model metaformer --param init=OUT/universal.safetensors --shots K ...
+(with the same --param settings of the architecture as meta-training had)
 """
 
 from __future__ import annotations
@@ -33,10 +35,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "meta-tasks and of the wild images' priors",
     )
     parser.add_argument(
+        "--space", choices=("feature", "pixel"), default="feature",
+        help="what A reconstructs: frozen backbone features (default) or pixels (the paper's)",
+    )
+    parser.add_argument(
         "--preset",
-        choices=("cpu", "paper"),  # MetaTrainConfig.PRESETS, literal so that --help needs no torch
+        choices=("cpu", "paper", "tiny"),  # the configs' PRESETS, literal so that --help needs no torch
         default="cpu",
-        help="'paper': 256 px, full width, 100 epochs, batch 64 (GPU); 'cpu': 64 px, width 1/8",
+        help="pixel space: 'paper' 256 px, full width, 100 epochs, batch 64 (GPU); 'cpu' 64 px, width 1/8. "
+        "Feature space: 'cpu' (20 epochs) or 'tiny' (one short epoch, for tests)",
+    )
+    parser.add_argument(
+        "--algorithm", choices=("fomaml", "reptile"), default=None,
+        help="feature space: the outer update, first-order MAML (default) or Reptile",
+    )
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="feature space: a Metaformer argument for the model meta-trained (architecture: taps, bottleneck, "
+        "hidden; inner loop = adaptation: adapt_steps, lr, adapt_optimizer, batch_size); repeatable",
     )
     parser.add_argument(
         "--configuration",
@@ -85,6 +101,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_meta_train(args: argparse.Namespace) -> int:
     """Handler of ``metaad meta-train``: prints the universal checkpoint's path."""
+    if args.space == "feature":
+        return _run_feature_meta_train(args)
+    if args.preset == "tiny" or args.param or args.algorithm:
+        raise SystemExit("metaad meta-train --space pixel: --preset tiny, --param and --algorithm are for the "
+                         "feature space")
     from metaad.models.metaformer.maml import distributed_context, run_meta_training
 
     path = run_meta_training(
@@ -106,4 +127,37 @@ def run_meta_train(args: argparse.Namespace) -> int:
     )
     if distributed_context()[0] == 0:
         print(path)
+    return 0
+
+
+def _run_feature_meta_train(args: argparse.Namespace) -> int:
+    import json
+
+    params = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--param {item!r}: expected NAME=VALUE")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    pixel_only = [flag for flag, value in (("--image-size", args.image_size), ("--width", args.width),
+                                           ("--first-order/--second-order", args.first_order)) if value is not None]
+    if pixel_only:
+        raise SystemExit(f"metaad meta-train --space feature: {', '.join(pixel_only)} are for --space pixel "
+                         "(set the feature model's architecture with --param)")
+    if args.preset == "paper":
+        raise SystemExit("metaad meta-train --space feature has presets 'cpu' and 'tiny'; 'paper' is pixel space")
+    from metaad.models import check_params
+    from metaad.models.metaformer.feature_meta import run_feature_meta_training
+
+    check_params("metaformer", params)
+    path = run_feature_meta_training(
+        wild=args.wild, out=args.out, preset=args.preset, configuration=args.configuration, resume=args.resume,
+        epochs=args.epochs, algorithm=args.algorithm, model_params=params, prior=args.prior,
+        backbone=args.backbone, backbone_weights=args.backbone_weights, group_size=args.group_size,
+        seed=args.seed, device=args.device,
+    )
+    print(path)
     return 0

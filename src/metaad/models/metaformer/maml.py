@@ -402,6 +402,7 @@ def run_meta_training(
         architecture["width_multiplier"] = width_multiplier
     torch.manual_seed(seed)  # identical initial θ on every rank
     model = Metaformer(
+        space="pixel",
         configuration=configuration,
         prior=prior,
         init=None,  # meta-training starts from scratch

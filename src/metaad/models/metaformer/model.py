@@ -24,27 +24,51 @@ from torch import nn
 
 from metaad.backbones import Backbone, create_backbone
 from metaad.components.estimator import marking_fitted, predict_in_batches
-from metaad.components.preprocess import Preprocess
+from metaad.components.feature_cache import FrozenFeatures, frozen_part_key, weights_digest
+from metaad.components.preprocess import Preprocess, resize
+from metaad.components.scaling import scaled_length
 from metaad.components.smoothing import gaussian_blur
 from metaad.components.ssim import ssim_loss
 from metaad.data.transforms import normalize
 from metaad.io import load_tensors
+from metaad.models.metaformer.feature_space import (
+    FEATURE_TAPS,
+    OPTIMIZERS,
+    FeatureAutoencoder,
+    GridTransformer,
+    channel_statistics,
+    feature_grid,
+    inner_loop,
+    location_errors,
+    prior_weights,
+    weighted_loss,
+)
 from metaad.training import train_model
-from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings
+from metaad.training.data import TrainImages
+from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings, device_of
 
 CONFIGURATIONS = ("A", "A+P", "A+P+T")  # Table 3 of the paper
 TABLE1_CHANNELS = (32, 64, 128, 256, 512)  # supplementary Table 1, Conv1..Conv5
 CENTER_BIAS = "center-bias"  # the built-in stand-in prior, used only when asked for by name
 UNIVERSAL_FORMAT = "metaad-metaformer-universal"
-ARCHITECTURE_ARGS = ("configuration", "width_multiplier", "image_size")
+ARCHITECTURE_ARGS = ("configuration", "width_multiplier", "image_size")  # of a pixel-space universal model
+FEATURE_ARCHITECTURE_ARGS = ("space", "configuration", "taps", "bottleneck", "hidden", "image_size")
+SPACES = ("feature", "pixel")
 MAP_TYPES = ("l2", "feature")
 FEATURE_BACKBONE, FEATURE_LAYERS, FEATURE_SIZE = "tf_efficientnet_lite0", (2, 3), 256  # map_type="feature"
 # universal models that ship inside the package, by the name ``init`` accepts for them (how each was meta-trained:
 # the .json beside it). "universal-cpu" is the default; "universal-cpu-second-order" is its second-order twin.
 SHIPPED_UNIVERSAL = {
     name: Path(__file__).resolve().parents[2] / "weights" / f"metaformer_{name.replace('-', '_')}.safetensors"
-    for name in ("universal-cpu", "universal-cpu-second-order")
+    for name in ("universal-feature", "universal-cpu", "universal-cpu-second-order")
 }
+DEFAULT_INIT = {"feature": "universal-feature", "pixel": "universal-cpu"}  # what init="shipped" is, by space
+DEFAULT_SIZE = {"feature": 256, "pixel": 64}  # what image_size=None is, by space
+
+
+def architecture_args(space: str) -> tuple[str, ...]:
+    """The constructor arguments a universal model of ``space`` must share with the model adapting from it."""
+    return FEATURE_ARCHITECTURE_ARGS if space == "feature" else ARCHITECTURE_ARGS
 
 
 def reconstruction_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0.1) -> torch.Tensor:
@@ -176,85 +200,125 @@ class FrozenParts:
 
     prior: nn.Module | None = None
     prior_injected: bool = False  # P came from set_prior: no file describes it
-    feature_extractor: Backbone | None = None
+    feature_extractor: Backbone | None = None  # pixel space's "feature" map
+    backbone: Backbone | None = None  # feature space: what A reconstructs
+    backbone_loaded: bool = False
     prior_cache: dict[bytes, torch.Tensor] = field(default_factory=dict)
 
 
 class Metaformer(nn.Module):
     """Metaformer anomaly detector: meta-tested from a universal model, scores by the reconstruction gap.
 
-    ``configuration`` picks Table 3's variant: "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R) or "A+P+T" (Î = Ĩ ⊗ R').
-    ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from, or the name of
-    one shipped with metaad ("universal-cpu": A+P+T at the "cpu" preset's size, first-order MAML;
-    "universal-cpu-second-order": the same, second order); None trains from scratch.
-    ``fit`` adapts on defect-free images for ``adapt_epochs`` with Adam (§4: 30 meta-test epochs, lr 1e-4,
-    batch 64), loss eq. (7) with λ = ``ssim_weight``. ``prior`` is the instance-prior weights file (None:
-    metaad's shipped generator; "center-bias": a built-in stand-in); ``set_prior`` injects any module mapping
-    (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in [0, 1]. P is frozen and not part of ``state_dict``
-    (:class:`FrozenParts`).
+    ``space`` is what A reconstructs. "feature", the default: the frozen EfficientNet-Lite0 features of the
+    image (``taps``, offline weights, at ``image_size`` = 256 px), standardised per channel on the images it
+    adapts to, through a convolutional autoencoder with a ``bottleneck``-channel code a location
+    (``feature_space.py``); the anomaly map is the per-location reconstruction error, upsampled to the input and
+    smoothed with ``smoothing_sigma`` (pixels at 256 px). "pixel": the paper's (supplementary Table 1), A
+    reconstructs the image in [0, 1] RGB, the map is ``map_type``'s gap; the "paper" preset.
 
-    Anomaly map (``map_type``): "feature", the default, is the gap measured by a frozen EfficientNet-Lite0
-    (offline weights, stages 2 and 3, I and Î seen at 256 px): 1 − cosine per location, upsampled, summed,
-    smoothed with σ = 4. "l2", the paper's (and the "paper" preset's), is the squared error between I and Î
-    (both in [0, 1]) averaged over RGB, Gaussian-smoothed with ``smoothing_sigma`` pixels (at 256 px; scaled
-    with ``image_size``). The default was chosen on held-out MTD training images with synthetic surface
-    defects, never test labels (``benchmarks/metaformer_map_validation.py``; figures and rule in
-    ``benchmarks/NOTES.md``); it costs a Lite0 pass on I and Î per image. On featureless surfaces (smooth
-    gradients, no texture) the backbone's responses are weak, the cosine gap is noisy and the image borders
-    score highest: use "l2" there. Either map is resized to the input size; the image score is its maximum.
-    The backbone, like P, is frozen and kept out of ``state_dict``.
+    ``configuration`` picks Table 3's variant. In pixel space "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R), "A+P+T"
+    (Î = Ĩ ⊗ R'). In feature space P weights the map and the loss (1 + ``prior_weight`` · R: errors on the
+    salient object count more, none is dropped) and never multiplies the reconstruction; T re-weights the
+    reconstructed features on the grid (F̂ = F̃ ⊗ R'), as §3.2 does on pixels.
+    ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from, "shipped" (the
+    universal model of ``space`` shipped with metaad: "universal-feature", or "universal-cpu" in pixel space),
+    another shipped name ("universal-cpu-second-order"), or None to train from scratch.
 
-    The defaults (= preset "cpu") adapt the universal model shipped with metaad ("universal-cpu": 64 px,
-    width 1/8, batch 16, lr 1e-3, the size the "cpu" meta-training preset produces): Metaformer exists to
-    adapt a meta-trained model, so that is what ``metaad fit --model metaformer --shots K`` does. Random
-    initialisation is an explicit choice (``init=None``; ``--param init=null``). "paper" is §4: 256 px, full
-    width, batch 64, lr 1e-4, the squared-error map, from ``init=None`` or a paper-preset universal model
-    (``init=PATH``). Saves of metaad before the feature map was the default load with the map they had ("l2").
+    Adaptation (``fit``, meta-testing, §3.1.1 eq. 6). In feature space it is the meta-training inner loop,
+    unchanged: ``adapt_steps`` steps of ``adapt_optimizer`` at ``lr`` on batches of ``batch_size`` features
+    (all of them when there are fewer), so that what the universal model learned to do in a few steps is what
+    adaptation does. In pixel space: ``adapt_epochs`` epochs of Adam (§4: 30, lr 1e-4, batch 64) in the shared
+    loop, loss eq. (7) with λ = ``ssim_weight``.
+    ``prior`` is the instance-prior weights file (None: metaad's shipped generator; "center-bias": a built-in
+    stand-in); ``set_prior`` injects any module mapping (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in
+    [0, 1]. P and the backbone are frozen and not part of ``state_dict`` (:class:`FrozenParts`).
+
+    Pixel space's anomaly map (``map_type``): "feature" is the gap measured by a frozen EfficientNet-Lite0
+    (stages 2 and 3, I and Î seen at 256 px): 1 − cosine per location, upsampled, summed, smoothed with σ = 4;
+    "l2", the paper's, the squared error between I and Î averaged over RGB, smoothed with ``smoothing_sigma``.
+    The image score is the map's maximum. The feature space's settings were chosen on held-out MTD training
+    images with synthetic defects (rule and figures in ``benchmarks/NOTES.md``).
+
+    Saves of metaad before the feature space existed load in pixel space (and before the feature map, "l2").
 
     Args:
-        width_multiplier: channel width of A, P's and T's convolutions relative to Table 1 (1.0: the paper's).
-        lr, batch_size: Adam's learning rate and batch size of the adaptation (§4: 1e-4, 64).
+        width_multiplier: pixel space: channel width of A, P's and T's convolutions relative to Table 1.
+        image_size: the working side (None: 256 in feature space, 64 in pixel space).
+        taps, bottleneck, hidden: feature space: the backbone stages, the code's and the hidden layers' widths.
+        standardize_images: feature space: exposure standardisation before the backbone ("auto", "always",
+            "never"; ``metaad.components.preprocess``).
+        lr, batch_size: the adaptation's learning rate and batch size.
         seed: seeds the initial weights (when ``init`` is None) and the adaptation's order.
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2"}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2", "space": "pixel"}
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {"width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64, "lr": 1e-4,
-                  "map_type": "l2"},
+        "paper": {"space": "pixel", "width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64,
+                  "lr": 1e-4, "map_type": "l2"},
         "cpu": {},
-        "tiny": {"width_multiplier": 0.125, "image_size": 64, "init": None, "adapt_epochs": 1, "batch_size": 4,
-                 "prior": "center-bias", "map_type": "l2"},  # no backbone pass; the feature map has its own tests
+        "tiny": {"image_size": 64, "init": None, "adapt_steps": 5, "batch_size": 4, "prior": "center-bias",
+                 "bottleneck": 8, "hidden": 16},
     }
 
     def __init__(
         self,
-        configuration: str = "A+P+T", width_multiplier: float = 0.125,
-        image_size: int = 64, init: str | None = "universal-cpu",
+        space: str = "feature", configuration: str = "A+P+T", width_multiplier: float = 0.125,
+        image_size: int | None = None, init: str | None = "shipped",
+        taps: tuple[int, ...] = FEATURE_TAPS, bottleneck: int = 32, hidden: int = 64,
+        adapt_steps: int = 30, adapt_optimizer: str = "adam", prior_weight: float = 1.0,
+        standardize_images: str = "auto",
         adapt_epochs: int = 30, lr: float = 1e-3, batch_size: int = 16, ssim_weight: float = 0.1,
         prior: str | None = None, smoothing_sigma: float = 4.0, map_type: str = "feature", seed: int = 0,
     ) -> None:
         super().__init__()
+        if space not in SPACES:
+            raise ValueError(f"Metaformer space must be one of {SPACES}, got {space!r}")
         if map_type not in MAP_TYPES:
             raise ValueError(f"map_type must be one of {MAP_TYPES}, got {map_type!r}")
         if not width_multiplier > 0:
             raise ValueError(f"Metaformer width_multiplier must be > 0, got {width_multiplier}")
         if configuration not in CONFIGURATIONS:
             raise ValueError(f"Metaformer configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
-        self.configuration, self.width_multiplier = configuration, width_multiplier
+        if adapt_optimizer not in OPTIMIZERS:
+            raise ValueError(f"adapt_optimizer must be one of {OPTIMIZERS}, got {adapt_optimizer!r}")
+        if adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be at least 0, got {adapt_steps}")
+        image_size = DEFAULT_SIZE[space] if image_size is None else image_size
+        init = DEFAULT_INIT[space] if init == "shipped" else init
+        self.space, self.configuration, self.width_multiplier = space, configuration, width_multiplier
         self.image_size, self.init = image_size, init
+        self.taps, self.bottleneck, self.hidden = tuple(taps), bottleneck, hidden
+        self.adapt_steps, self.adapt_optimizer, self.prior_weight = adapt_steps, adapt_optimizer, prior_weight
+        self.standardize_images = standardize_images
         self.adapt_epochs, self.lr, self.batch_size, self.ssim_weight = adapt_epochs, lr, batch_size, ssim_weight
         self.prior, self.smoothing_sigma, self.map_type, self.seed = prior, smoothing_sigma, map_type, seed
-        self.preprocess = Preprocess(image_size)
+        self.frozen = FrozenParts()
         with torch.random.fork_rng():  # the initial weights depend on ``seed`` alone
             torch.manual_seed(seed)
-            self.autoencoder = Autoencoder(width_multiplier, image_size)
-            self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
+            if space == "feature":
+                if image_size < 32 or image_size % 32:
+                    raise ValueError(f"Metaformer image_size must be a multiple of 32, got {image_size}")
+                backbone = Backbone(FEATURE_BACKBONE, self.taps)  # its weights are read on first use
+                self.frozen.backbone = backbone
+                channels = sum(backbone.channels)
+                self.preprocess = Preprocess(image_size, standardize_images, backbone.normalization)
+                self.autoencoder = FeatureAutoencoder(channels, bottleneck, hidden)
+                self.transformer = GridTransformer(channels) if configuration == "A+P+T" else None
+                self.register_buffer("feature_mean", torch.zeros(channels))
+                self.register_buffer("feature_std", torch.ones(channels))
+            else:
+                self.preprocess = Preprocess(image_size)
+                self.autoencoder = Autoencoder(width_multiplier, image_size)
+                self.transformer = PriorTransformer(image_size, width_multiplier) if configuration == "A+P+T" else None
         self.register_buffer("fitted", torch.tensor(False))
-        self.frozen = FrozenParts()
 
     def fit_summary(self) -> dict:
-        return {}
+        if self.space == "pixel":
+            return {}
+        losses = getattr(self, "adaptation_losses", [])
+        return {**self.preprocess.fit_summary(), "adapt_steps": len(losses),
+                **({"adapt_loss_first": losses[0], "adapt_loss_last": losses[-1]} if losses else {})}
 
     # -- the instance prior P ------------------------------------------------------------------------------
 
@@ -319,6 +383,93 @@ class Metaformer(nn.Module):
             return reconstruction * prior_map
         return reconstruction * self.transformer(prior_map, reconstruction)
 
+    # -- feature space --------------------------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> Backbone:
+        """Feature space: the frozen backbone whose features A reconstructs, its weights read on first use."""
+        if self.frozen.backbone is None:
+            raise AttributeError("a pixel-space Metaformer has no backbone of its own")
+        if not self.frozen.backbone_loaded:
+            self.frozen.backbone.load_weights()
+            self.frozen.backbone_loaded = True
+        return self.frozen.backbone
+
+    @torch.no_grad()
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature space: [the frozen grid (B, C, h, w), unstandardised] of (B, 3, H, W) images in [0, 1], and
+        P's R averaged onto the grid (B, 1, h, w) when the configuration uses P: what the feature cache holds."""
+        backbone = self.backbone.to(images.device)
+        grid = feature_grid(backbone(self.preprocess(images)))
+        if self.configuration == "A":
+            return [grid]
+        prior = self.compute_prior(resize(images.float(), self.image_size))
+        return [grid, F.adaptive_avg_pool2d(prior, grid.shape[-2:])]
+
+    def standardized(self, grid: torch.Tensor) -> torch.Tensor:
+        """A grid in the units A works in: per channel, less the adaptation images' mean, over their spread."""
+        return (grid - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
+
+    def reconstruct(self, grid: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """F̂ of a standardised grid: A's reconstruction, re-weighted by T's R' for "A+P+T"."""
+        rebuilt = self.autoencoder(grid)
+        if self.transformer is not None:
+            rebuilt = rebuilt * self.transformer(prior, rebuilt)
+        return rebuilt
+
+    def grid_errors(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The location errors (B, 1, h, w) of a batch of ``feature_maps`` and P's weights on them (or None)."""
+        grid = self.standardized(maps[0])
+        prior = maps[1] if len(maps) > 1 else None
+        errors = location_errors(grid, self.reconstruct(grid, prior))
+        return errors, prior_weights(prior, errors.shape[-2:], self.prior_weight)
+
+    def grid_loss(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The adaptation's (and meta-training's) loss: the P-weighted mean squared feature error."""
+        return weighted_loss(*self.grid_errors(maps))
+
+    def feature_anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature space: (B, S, S) maps at the working size S from (B, 3, H, W) images in [0, 1]."""
+        return self.map_from_features(self.feature_maps(images))
+
+    def map_from_features(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """(B, S, S) maps at the working size S from a batch of ``feature_maps``: P-weighted location errors,
+        upsampled, smoothed with ``smoothing_sigma`` (pixels at 256 px)."""
+        errors, weights = self.grid_errors(maps)
+        if weights is not None:
+            errors = errors * weights
+        size = (self.image_size, self.image_size)
+        errors = F.interpolate(errors, size=size, mode="bilinear", align_corners=False)
+        sigma = scaled_length(self.smoothing_sigma, self.image_size)
+        return (gaussian_blur(errors, sigma) if sigma > 0 else errors)[:, 0]
+
+    def _adapt_features(self, train: TrainData, on_epoch_end: EpochEnd | None) -> None:
+        """Meta-testing in feature space: the grid of every training image once (the feature cache), the
+        channel statistics, then the inner loop of meta-training (``feature_space.inner_loop``)."""
+        train = TrainImages.from_data(train)
+        self.preprocess.measure(train.batches())
+        key = frozen_part_key(self.backbone, self.preprocess)
+        if self.configuration != "A":
+            key["prior"] = weights_digest(self.prior_module)
+        device = device_of(self)
+        features = FrozenFeatures(self, self.feature_maps, train, key, device=device)
+        grids = (features[index][0] for index in torch.arange(len(features)).split(64))
+        mean, std = channel_statistics(grids)
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+        self.train()
+        generator = torch.Generator().manual_seed(self.seed)
+        self.adaptation_losses = inner_loop(
+            self, lambda index: self.grid_loss([m.to(device) for m in features[index]]), len(features),
+            self.adapt_steps, self.lr, self.batch_size, self.adapt_optimizer, generator,
+        )
+        self.eval()
+        self.fitted.fill_(True)
+        if on_epoch_end is not None:
+            on_epoch_end(1, self)
+
+    # -- pixel space ----------------------------------------------------------------------------------------
+
     def loss(self, images: torch.Tensor, prior_map: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. (7) between Î and I."""
         return reconstruction_loss(self(images, prior_map), images, self.ssim_weight)
@@ -370,9 +521,10 @@ class Metaformer(nn.Module):
                 f"{path}: not a Metaformer universal checkpoint (metadata format is "
                 f"{metadata.get('format')!r}, expected {UNIVERSAL_FORMAT!r})"
             )
-        saved = json.loads(metadata["model"])
-        mine = {name: getattr(self, name) for name in ARCHITECTURE_ARGS}
-        if {name: saved.get(name) for name in ARCHITECTURE_ARGS} != mine:
+        saved = {"space": "pixel", **json.loads(metadata["model"])}  # files before the feature space: pixel
+        names = architecture_args(self.space)
+        mine = json.loads(json.dumps({name: getattr(self, name) for name in names}))  # tuples as JSON lists
+        if {name: saved.get(name) for name in names} != mine:
             raise ValueError(f"{path}: universal model was meta-trained with {saved}, this Metaformer has {mine}")
         state = load_tensors(path)
         state["fitted"] = self.fitted.new_tensor(False)  # meta-trained, not yet adapted (the file has no flag)
@@ -404,10 +556,14 @@ class Metaformer(nn.Module):
         self, train: TrainData, *, progress: bool = False, workdir: str | Path | None = None, resume: bool = False,
         on_epoch_end: EpochEnd | None = None,
     ) -> Metaformer:
-        """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images, with the
-        shared training loop (``metaad.training``)."""
+        """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images: in feature
+        space the meta-training inner loop (seconds: ``workdir`` and ``resume`` have nothing to keep), in pixel
+        space the shared training loop (``metaad.training``)."""
         if self.init is not None:  # a resumed adaptation's checkpoint then replaces these weights
             self.load_universal(self.init)
+        if self.space == "feature":
+            self._adapt_features(train, on_epoch_end)
+            return self
         self.frozen.prior_cache = {}
         try:
             train_model(self, train, progress=progress, workdir=workdir, resume=resume,
@@ -420,7 +576,10 @@ class Metaformer(nn.Module):
     def export_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,), the map's maximum, and maps (B, H, W) at the input size, of one batch."""
         size = images.shape[-2:]
-        anomaly = self.anomaly_map(self.preprocess(images))
+        if self.space == "feature":
+            anomaly = self.feature_anomaly_map(images)
+        else:
+            anomaly = self.anomaly_map(self.preprocess(images))
         if anomaly.shape[-2:] != size:
             anomaly = F.interpolate(anomaly[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return anomaly.flatten(1).amax(1), anomaly

@@ -121,7 +121,7 @@ def test_param_values_parse_as_json_and_null_means_none():
     params = _model_params(args)
     assert params == {"init": None, "epochs": 3, "texture_dir": "dtd/images", "search": "exact"}
     assert create_model("metaformer", init=params["init"], image_size=32).init is None
-    assert create_model("metaformer").init == "universal-cpu"  # the default adapts the shipped model
+    assert create_model("metaformer").init == "universal-feature"  # the default adapts the shipped model
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         _model_params(argparse.Namespace(param=["epochs"], init=None))
 

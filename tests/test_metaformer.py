@@ -33,7 +33,7 @@ from metaad.models.metaformer.maml import (
 from metaad.models.metaformer.model import Metaformer
 from metaad.models.metaformer.tasks import build_meta_tasks, list_wild_images
 
-TINY = {"width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None, "map_type": "l2"}
+TINY = {"space": "pixel", "width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None, "map_type": "l2"}
 
 # Supplementary Table 1: (module name, output H = W, channels) at 256 px.
 TABLE1 = [
@@ -70,7 +70,7 @@ def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_autoencoder_matches_supplementary_table1():
     with torch.device("meta"):
-        model = Metaformer(configuration="A", width_multiplier=1.0, image_size=256)
+        model = Metaformer(space="pixel", configuration="A", width_multiplier=1.0, image_size=256)
         sizes = {}
         modules = dict(model.autoencoder.encoder.named_children()) | dict(model.autoencoder.decoder.named_children())
         for name, _, _ in TABLE1:
@@ -122,8 +122,10 @@ def test_configuration_and_size_are_checked():
 
 
 def test_feature_map_keeps_the_state_dict_and_sees_a_feature_gap():
-    plain = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, init=None, map_type="l2")
-    feature = Metaformer(configuration="A", width_multiplier=1 / 16, image_size=32, init=None, map_type="feature")
+    plain = Metaformer(space="pixel", configuration="A", width_multiplier=1 / 16, image_size=32, init=None,
+                       map_type="l2")
+    feature = Metaformer(space="pixel", configuration="A", width_multiplier=1 / 16, image_size=32, init=None,
+                         map_type="feature")
     assert plain.state_dict().keys() == feature.state_dict().keys()  # the frozen backbone is kept apart
     images = _images(2)
     feature.fitted.fill_(True)  # the map's shape and form only: untrained weights
@@ -145,7 +147,7 @@ def test_feature_map_keeps_the_state_dict_and_sees_a_feature_gap():
 
 
 def test_injected_prior_is_used():
-    model = Metaformer(configuration="A+P", width_multiplier=1 / 16, image_size=32, init=None)
+    model = Metaformer(space="pixel", configuration="A+P", width_multiplier=1 / 16, image_size=32, init=None)
 
     class Half(nn.Module):
         def forward(self, images):
@@ -435,7 +437,7 @@ def test_write_universal_then_fit_adapts_from_it_with_k_shots(tmp_path, shots):
     changed = adapted.state_dict()["autoencoder.encoder.conv1.weight"]
     assert not torch.equal(changed, model.state_dict()["autoencoder.encoder.conv1.weight"])
     assert not adapted.training and adapted.predict(_images(2)).scores.isfinite().all()
-    with pytest.raises(FileNotFoundError, match="no such universal checkpoint; shipped ones: universal-cpu, "):
+    with pytest.raises(FileNotFoundError, match="no such universal checkpoint; shipped ones: universal-feature, universal-cpu, "):
         Metaformer(**{**TINY, "init": str(tmp_path / "missing.safetensors")}).fit(_images(1))
 
 
@@ -467,6 +469,7 @@ def test_default_feature_map_finds_a_bright_square_on_a_texture():
 def test_adapted_model_scores_a_bright_square_above_good_images(configuration):
     torch.manual_seed(0)
     model = Metaformer(
+        space="pixel",
         configuration=configuration,
         map_type="l2",
         width_multiplier=1 / 8,
@@ -510,11 +513,12 @@ def test_shipped_universal_model_loads_offline_and_adapts():
 
     if not SHIPPED_UNIVERSAL["universal-cpu"].is_file():
         pytest.skip("the universal model has not been meta-trained and shipped yet")
-    model = create_model("metaformer", adapt_epochs=1)  # the default adapts the shipped universal model
-    assert model.init == "universal-cpu" and create_model("metaformer", "cpu").init == "universal-cpu"
+    model = create_model("metaformer", space="pixel", adapt_epochs=1)  # pixel space adapts its shipped model
+    assert model.init == "universal-cpu" and model.image_size == 64
     assert create_model("metaformer", "paper").init is None and create_model("metaformer", "paper").image_size == 256
     assert model.map_type == "feature" and create_model("metaformer", "paper").map_type == "l2"  # the paper's map
-    previous = create_model("metaformer").load_universal("universal-cpu-second-order").state_dict()
+    assert create_model("metaformer", "paper").space == "pixel"
+    previous = create_model("metaformer", space="pixel").load_universal("universal-cpu-second-order").state_dict()
     model.load_universal("universal-cpu")
     universal = {k: v.clone() for k, v in model.state_dict().items()}
     assert previous.keys() == universal.keys() and any(not torch.equal(previous[k], v) for k, v in universal.items())
@@ -551,6 +555,10 @@ def test_a_save_from_before_the_fitted_flag_loads_as_fitted(tmp_path):
     (tmp_path / "model.json").write_text(json.dumps(config))
     assert Metaformer().map_type == "feature" and load_model(tmp_path).map_type == "l2"
     assert torch.equal(load_model(tmp_path).predict(_images(2, seed=1)).scores, expected.scores)
+    del config["params"]["space"]  # saved before the feature space existed: pixel space
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    assert Metaformer().space == "feature" and load_model(tmp_path).space == "pixel"
+    assert torch.equal(load_model(tmp_path).predict(_images(2, seed=1)).scores, expected.scores)
 
 
 @pytest.mark.slow
@@ -565,14 +573,16 @@ def test_meta_train_command_at_another_size_then_fit_adapts_from_it(tmp_path, sy
     out = tmp_path / "universal"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "metaad.cli.main"]
-    subprocess.run([*cli, "meta-train", "--wild", str(tmp_path / "wild"), "--out", str(out), "--image-size", "32",
+    subprocess.run([*cli, "meta-train", "--space", "pixel", "--wild", str(tmp_path / "wild"), "--out", str(out),
+                    "--image-size", "32",
                     "--width", "0.0625", "--epochs", "1", "--group-size", "20", "--prior", "center-bias",
                     "--threads", "1", "--second-order"], check=True, capture_output=True, env=env)
     universal = out / "universal.safetensors"
     assert universal.is_file() and json.loads((out / "progress.json").read_text())["epoch"] == 1
     fit = [*cli, "fit", "--model", "metaformer", "--data", str(synthetic_root), "--category", "weave",
            "--image-size", "32", "--shots", "4", "--calibration-fraction", "0", "--quiet",
-           "--param", f"init={json.dumps(str(universal))}", "--param", "prior=center-bias", "--param", "adapt_epochs=1"]
+           "--param", f"init={json.dumps(str(universal))}", "--param", "prior=center-bias", "--param", "adapt_epochs=1",
+           "--param", "space=pixel"]
     mismatch = subprocess.run([*fit, "--out", str(tmp_path / "wrong")], capture_output=True, text=True, env=env)
     assert mismatch.returncode != 0 and "meta-trained with" in mismatch.stderr and "Traceback" not in mismatch.stderr
     subprocess.run([*fit, "--out", str(tmp_path / "run"), "--param", "image_size=32",

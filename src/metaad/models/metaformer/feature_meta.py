@@ -53,7 +53,10 @@ class FeatureMetaConfig:
     algorithm: str = "fomaml"
     seed: int = 0
 
-    PRESETS: ClassVar[dict[str, dict]] = {"cpu": {}, "tiny": {"epochs": 1, "tasks_per_group": 1, "query": 2}}
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "cpu": {"epochs": 10, "tasks_per_group": 2},  # ~60 outer steps an epoch on ~6,000 wild images
+        "tiny": {"epochs": 1, "tasks_per_group": 1, "query": 2},
+    }
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -257,8 +257,8 @@ class Metaformer(nn.Module):
         "paper": {"space": "pixel", "width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64,
                   "lr": 1e-4, "map_type": "l2"},
         "cpu": {},
-        "tiny": {"image_size": 64, "init": None, "adapt_steps": 5, "batch_size": 4, "prior": "center-bias",
-                 "bottleneck": 8, "hidden": 16},
+        "tiny": {"image_size": 64, "init": None, "adapt_steps": 5, "adapt_epochs": 1, "batch_size": 4,
+                 "prior": "center-bias", "bottleneck": 8, "hidden": 16},
     }
 
     def __init__(
@@ -404,7 +404,7 @@ class Metaformer(nn.Module):
         if self.configuration == "A":
             return [grid]
         prior = self.compute_prior(resize(images.float(), self.image_size))
-        return [grid, F.adaptive_avg_pool2d(prior, grid.shape[-2:])]
+        return [grid, F.avg_pool2d(prior, backbone.reductions[0])]  # a fixed pool: exports to ONNX
 
     def standardized(self, grid: torch.Tensor) -> torch.Tensor:
         """A grid in the units A works in: per channel, less the adaptation images' mean, over their spread."""

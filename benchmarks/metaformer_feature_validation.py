@@ -66,13 +66,15 @@ def main() -> None:
           flush=True)
     synthetic = synthetic_sets() if args.synthetic else {}
     results: dict = {"candidates": {}}
+    feature_cache: dict = {}  # the validation images' frozen features, shared by every row that sees the same
     for name, text in args.candidate:
         params = {"init": None, **json.loads(text)}
         rows = []
         for k in args.shots:
             for steps in args.steps:
                 row = {"shots": k, "steps": steps, **evaluate_candidate(
-                    params, steps, k, args.draws, fit_images, (val_images, val_masks, val_labels), synthetic)}
+                    params, steps, k, args.draws, fit_images, (val_images, val_masks, val_labels), synthetic,
+                    feature_cache)}
                 rows.append(row)
                 print(name, json.dumps(row), flush=True)
         results["candidates"][name] = {"params": params, "rows": rows}
@@ -99,11 +101,10 @@ def synthetic_sets() -> dict[str, tuple[torch.Tensor, dict]]:
     return sets
 
 
-def evaluate_candidate(params, steps, k, draws, fit_images, validation, synthetic) -> dict:
+def evaluate_candidate(params, steps, k, draws, fit_images, validation, synthetic, feature_cache) -> dict:
     """Mean and spread over ``draws`` of the MTD validation's metrics (and the synthetic mean) for one setting."""
     val_images, val_masks, val_labels = validation
     per_draw, synthetic_means, adapt_seconds = [], [], []
-    feature_cache: dict = {}
     model = None
     for draw in range(draws):
         support = fit_images[sorted(random.Random(draw).sample(range(len(fit_images)), k))]
@@ -145,7 +146,7 @@ def evaluate_candidate(params, steps, k, draws, fit_images, validation, syntheti
 def score(model, images: torch.Tensor, cache: dict) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and 256 px maps; the frozen features of the validation images computed once per setting
     that changes them (standardisation decided at fit, configuration with or without P)."""
-    key = (model.preprocess.standardizing, model.configuration != "A")
+    key = (model.taps, model.image_size, model.preprocess.standardizing, model.configuration != "A", model.prior)
     if key not in cache:
         cache[key] = [model.feature_maps(chunk) for chunk in images.split(32)]
     maps = torch.cat([model.map_from_features(chunk) for chunk in cache[key]])

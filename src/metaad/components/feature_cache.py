@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from metaad.io import atomic_write
 
@@ -93,6 +94,7 @@ class FrozenFeatures:
         batch_size: images per extraction pass.
         device: where ``extract`` runs (the model's device).
         directory, memory_limit, enabled, float16: see the module docstring; None reads the environment.
+        progress: a progress bar while the maps are computed.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class FrozenFeatures:
         memory_limit: int | None = None,
         enabled: bool | None = None,
         float16: bool | None = None,
+        progress: bool = False,
     ) -> None:
         if getattr(model, "augments_inputs", False):
             raise ValueError(
@@ -122,6 +125,7 @@ class FrozenFeatures:
         if directory is None and environment and environment.lower() != "off":
             directory = environment
         self.extract, self.images, self.batch_size, self.device = extract, images, batch_size, torch.device(device)
+        self.progress = progress
         self.maps: list[torch.Tensor] | list[np.ndarray] = []
         self.location: Path | None = None
         self.computed = False  # whether this object ran the extraction (False: read from a directory)
@@ -174,7 +178,8 @@ class FrozenFeatures:
 
     def _fill(self, targets: Sequence[torch.Tensor] | Sequence[np.ndarray]) -> None:
         self.computed = True
-        for index in torch.arange(len(self.images)).split(self.batch_size):
+        batches = torch.arange(len(self.images)).split(self.batch_size)
+        for index in tqdm(batches, desc="frozen features", unit="batch", disable=not self.progress, leave=False):
             for target, m in zip(targets, self._run(self.images[index]), strict=True):
                 if isinstance(target, torch.Tensor):
                     target[index] = m.to(target.dtype)

@@ -124,7 +124,7 @@ def wild_features(model: Metaformer, paths: Sequence[str], out: Path, progress: 
     if model.configuration != "A":
         key["prior"] = weights_digest(model.prior_module)
     return FrozenFeatures(model, model.feature_maps, train, key, device=device_of(model), directory=out / "features",
-                          float16=True)
+                          float16=True, progress=progress)
 
 
 def write_universal(path: Path, model: Metaformer, config: FeatureMetaConfig, extra: dict) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEATURE_TAPS = (2, 3)  # EfficientNet-Lite0 stages at strides 8 and 16 (40 and 112 channels)
+FEATURE_TAPS = (2, 3, 4)  # EfficientNet-Lite0 stages at strides 8, 16 and 32 (40 + 112 + 320 channels)
 OPTIMIZERS = ("adam", "sgd")
 
 

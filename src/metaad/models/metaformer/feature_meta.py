@@ -37,6 +37,7 @@ from metaad.types import device_of
 
 ALGORITHMS = ("fomaml", "reptile")
 CHECKPOINT, PROGRESS, UNIVERSAL = "checkpoint.safetensors", "progress.json", "universal.safetensors"
+INNER_LOOP_ARGS = ("adapt_steps", "lr", "adapt_optimizer", "batch_size", "prior_weight")  # = the adaptation
 
 
 @dataclass
@@ -132,8 +133,7 @@ def write_universal(path: Path, model: Metaformer, config: FeatureMetaConfig, ex
     metadata = {
         "format": UNIVERSAL_FORMAT,
         "model": json.dumps({name: getattr(model, name) for name in architecture_args("feature")}),
-        "adaptation": json.dumps({n: getattr(model, n) for n in ("adapt_steps", "lr", "adapt_optimizer",
-                                                                "batch_size", "prior_weight")}),
+        "adaptation": json.dumps({n: getattr(model, n) for n in INNER_LOOP_ARGS}),
         "meta_train": json.dumps({**asdict(config), **extra}),
     }
     weights = {name: value for name, value in model.state_dict().items() if name != "fitted"}
@@ -149,6 +149,7 @@ def meta_train_features(
     out = Path(out)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.outer_lr)
     identity = {"model": json.loads(json.dumps({n: getattr(model, n) for n in architecture_args("feature")})),
+                "inner_loop": {n: getattr(model, n) for n in INNER_LOOP_ARGS},  # a resume may not change it
                 "config": {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k != "epochs"}}
     parts = {"modules": {"model": model}, "optimizers": {"optimizer": optimizer}}
     start, history = 0, []

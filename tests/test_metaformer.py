@@ -33,7 +33,8 @@ from metaad.models.metaformer.maml import (
 from metaad.models.metaformer.model import Metaformer
 from metaad.models.metaformer.tasks import build_meta_tasks, list_wild_images
 
-TINY = {"space": "pixel", "width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None, "map_type": "l2"}
+TINY = {"space": "pixel", "width_multiplier": 1 / 16, "image_size": 32, "prior": "center-bias", "init": None,
+        "map_type": "l2"}
 
 # Supplementary Table 1: (module name, output H = W, channels) at 256 px.
 TABLE1 = [
@@ -437,7 +438,8 @@ def test_write_universal_then_fit_adapts_from_it_with_k_shots(tmp_path, shots):
     changed = adapted.state_dict()["autoencoder.encoder.conv1.weight"]
     assert not torch.equal(changed, model.state_dict()["autoencoder.encoder.conv1.weight"])
     assert not adapted.training and adapted.predict(_images(2)).scores.isfinite().all()
-    with pytest.raises(FileNotFoundError, match="no such universal checkpoint; shipped ones: universal-feature, universal-cpu, "):
+    shipped = "no such universal checkpoint; shipped ones: universal-feature, universal-cpu, "
+    with pytest.raises(FileNotFoundError, match=shipped):
         Metaformer(**{**TINY, "init": str(tmp_path / "missing.safetensors")}).fit(_images(1))
 
 

@@ -23,7 +23,7 @@ from metaad.models.metaformer.feature_space import (
 )
 from metaad.models.metaformer.model import Metaformer
 
-TINY = {"image_size": 64, "init": None, "bottleneck": 8, "hidden": 16, "prior": "center-bias"}
+TINY = {"image_size": 64, "init": None, "bottleneck": 8, "hidden": 16, "prior": "center-bias", "taps": (2, 3)}
 
 
 def _texture(n: int, seed: int, size: int = 64) -> torch.Tensor:
@@ -97,7 +97,8 @@ def test_default_is_the_feature_space_and_the_paper_preset_is_pixel_space():
     with pytest.raises(ValueError, match="adapt_optimizer"):
         Metaformer(adapt_optimizer="rmsprop")
     state = [k for k in model.state_dict() if k != "fitted"]  # the backbone and P are kept apart
-    assert all(k.startswith(("autoencoder.", "transformer.", "feature_mean", "feature_std", "preprocess.")) for k in state)
+    parts = ("autoencoder.", "transformer.", "feature_mean", "feature_std", "preprocess.")
+    assert all(k.startswith(parts) for k in state)
 
 
 @pytest.mark.parametrize("configuration", ["A", "A+P", "A+P+T"])
@@ -145,7 +146,7 @@ def test_meta_train_command_writes_a_universal_model_that_fit_adapts_from(tmp_pa
     out = tmp_path / "universal"
     command = [sys.executable, "-m", "metaad.cli.main", "meta-train", "--wild", str(tmp_path / "wild"), "--out",
                str(out), "--preset", "tiny", "--configuration", "A", "--group-size", "20", "--threads", "1",
-               "--param", "image_size=64", "--param", "bottleneck=8", "--param", "hidden=16",
+               "--param", "image_size=64", "--param", "bottleneck=8", "--param", "hidden=16", "--param", "taps=[2, 3]",
                "--param", "adapt_steps=2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)

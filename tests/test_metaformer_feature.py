@@ -170,3 +170,19 @@ def test_meta_train_command_writes_a_universal_model_that_fit_adapts_from(tmp_pa
     assert wrong.returncode != 0 and "adapt_stpes" in wrong.stderr and "Traceback" not in wrong.stderr
     pixel_flag = subprocess.run([*command, "--width", "0.5"], capture_output=True, text=True, env=env)
     assert pixel_flag.returncode != 0 and "--space pixel" in pixel_flag.stderr
+
+
+def test_shipped_feature_universal_model_loads_offline_adapts_and_says_how_it_was_made():
+    from metaad.io import load_tensors
+    from metaad.models.metaformer.model import SHIPPED_UNIVERSAL
+
+    path = SHIPPED_UNIVERSAL["universal-feature"]
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["command"].startswith("metaad meta-train") and path.stat().st_size < 20 * 2**20
+    model = create_model("metaformer", adapt_steps=0)
+    model.fit(_texture(2, seed=0, size=256))
+    shipped = load_tensors(path)
+    assert all(torch.equal(v, shipped[f"autoencoder.{k}"]) for k, v in model.autoencoder.state_dict().items())
+    assert record["inner_loop"]["adapt_steps"] == create_model("metaformer").adapt_steps  # adaptation = inner loop
+    moved = create_model("metaformer", adapt_steps=2).fit(_texture(2, seed=0, size=256))
+    assert any(not torch.equal(v, shipped[f"autoencoder.{k}"]) for k, v in moved.autoencoder.state_dict().items())

@@ -57,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--configuration",
         choices=("A", "A+P", "A+P+T"),  # metaformer.CONFIGURATIONS (Table 3)
-        default="A+P+T",
-        help="Table 3 variant to meta-train (default: the full A+P+T)",
+        default=None,
+        help="Table 3 variant to meta-train (default: the shipped model's, A in feature space, A+P+T in pixel space)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     order = parser.add_mutually_exclusive_group()
@@ -112,7 +112,7 @@ def run_meta_train(args: argparse.Namespace) -> int:
         wild=args.wild,
         out=args.out,
         preset=args.preset,
-        configuration=args.configuration,
+        configuration=args.configuration or "A+P+T",
         resume=args.resume,
         first_order=args.first_order,
         epochs=args.epochs,

@@ -189,7 +189,7 @@ def meta_train_features(
 
 
 def run_feature_meta_training(
-    wild: Sequence[str], out: str, preset: str = "cpu", configuration: str = "A+P+T", resume: bool = False,
+    wild: Sequence[str], out: str, preset: str = "cpu", configuration: str | None = None, resume: bool = False,
     epochs: int | None = None, algorithm: str | None = None, model_params: dict | None = None,
     prior: str | None = None, backbone: str = "tf_efficientnet_lite0", backbone_weights: str | None = None,
     group_size: int = 200, seed: int = 0, device: str | None = None, progress: bool = True,
@@ -219,7 +219,7 @@ def run_feature_meta_training(
     features = wild_features(model, used, out_dir, progress)
     if progress:
         tqdm.write(f"meta-training on {len(used)} wild images in {len(groups)} fine groups, {config.epochs} "
-                   f"epochs, {config.algorithm}, configuration {configuration!r}, inner loop "
+                   f"epochs, {config.algorithm}, configuration {model.configuration!r}, inner loop "
                    f"{model.adapt_steps} × {model.adapt_optimizer} at lr {model.lr}")
     model.train()
     return meta_train_features(model, features, groups, out_dir, config, resume=resume, progress=progress)

@@ -64,6 +64,7 @@ SHIPPED_UNIVERSAL = {
 }
 DEFAULT_INIT = {"feature": "universal-feature", "pixel": "universal-cpu"}  # what init="shipped" is, by space
 DEFAULT_SIZE = {"feature": 256, "pixel": 64}  # what image_size=None is, by space
+DEFAULT_CONFIGURATION = {"feature": "A", "pixel": "A+P+T"}  # what configuration=None is (the shipped models')
 
 
 def architecture_args(space: str) -> tuple[str, ...]:
@@ -216,10 +217,12 @@ class Metaformer(nn.Module):
     smoothed with ``smoothing_sigma`` (pixels at 256 px). "pixel": the paper's (supplementary Table 1), A
     reconstructs the image in [0, 1] RGB, the map is ``map_type``'s gap; the "paper" preset.
 
-    ``configuration`` picks Table 3's variant. In pixel space "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R), "A+P+T"
-    (Î = Ĩ ⊗ R'). In feature space P weights the map and the loss (1 + ``prior_weight`` · R: errors on the
-    salient object count more, none is dropped) and never multiplies the reconstruction; T re-weights the
-    reconstructed features on the grid (F̂ = F̃ ⊗ R'), as §3.2 does on pixels.
+    ``configuration`` picks Table 3's variant (None: the shipped universal model's, "A" in feature space,
+    "A+P+T" in pixel space; chosen by Table 3 on the validation, ``benchmarks/NOTES.md``). In pixel space
+    "A" (Î = Ĩ), "A+P" (Î = Ĩ ⊗ R), "A+P+T" (Î = Ĩ ⊗ R'). In feature space P weights the map and the loss
+    (1 + ``prior_weight`` · R: errors on the salient object count more, none is dropped) and never multiplies
+    the reconstruction; T re-weights the reconstructed features on the grid (F̂ = F̃ ⊗ R'), as §3.2 does on
+    pixels.
     ``init`` is a universal checkpoint (safetensors, from ``metaad meta-train``) to adapt from, "shipped" (the
     universal model of ``space`` shipped with metaad: "universal-feature", or "universal-cpu" in pixel space),
     another shipped name ("universal-cpu-second-order"), or None to train from scratch.
@@ -258,15 +261,15 @@ class Metaformer(nn.Module):
                   "lr": 1e-4, "map_type": "l2"},
         "cpu": {},
         "tiny": {"image_size": 64, "init": None, "adapt_steps": 5, "adapt_epochs": 1, "batch_size": 4,
-                 "prior": "center-bias", "bottleneck": 8, "hidden": 16},
+                 "prior": "center-bias", "bottleneck": 8, "hidden": 16, "taps": (2, 3)},
     }
 
     def __init__(
         self,
-        space: str = "feature", configuration: str = "A+P+T", width_multiplier: float = 0.125,
+        space: str = "feature", configuration: str | None = None, width_multiplier: float = 0.125,
         image_size: int | None = None, init: str | None = "shipped",
         taps: tuple[int, ...] = FEATURE_TAPS, bottleneck: int = 32, hidden: int = 64,
-        adapt_steps: int = 10, adapt_optimizer: str = "adam", prior_weight: float = 1.0,
+        adapt_steps: int = 30, adapt_optimizer: str = "adam", prior_weight: float = 1.0,
         standardize_images: str = "auto",
         adapt_epochs: int = 30, lr: float = 1e-3, batch_size: int = 16, ssim_weight: float = 0.1,
         prior: str | None = None, smoothing_sigma: float = 4.0, map_type: str = "feature", seed: int = 0,
@@ -278,6 +281,7 @@ class Metaformer(nn.Module):
             raise ValueError(f"map_type must be one of {MAP_TYPES}, got {map_type!r}")
         if not width_multiplier > 0:
             raise ValueError(f"Metaformer width_multiplier must be > 0, got {width_multiplier}")
+        configuration = DEFAULT_CONFIGURATION[space] if configuration is None else configuration
         if configuration not in CONFIGURATIONS:
             raise ValueError(f"Metaformer configuration must be one of {CONFIGURATIONS}, got {configuration!r}")
         if adapt_optimizer not in OPTIMIZERS:

@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")"
 PY=${PYTHON:-../.venv/bin/python}
 case "${1:-default}" in
-  default) flock /tmp/metaad_bench.lock "$PY" mtd_kshot.py --model metaformer --shots 1 2 4 8 all --seeds 0 1 2 \
+  default) flock /tmp/metaad_bench.lock "$PY" mtd_kshot.py --model metaformer --shots 8 all 1 2 4 --seeds 0 1 2 \
              --name metaformer_feature_default > logs/mtd_kshot_metaformer_feature_default.log 2>&1 ;;
   random) flock /tmp/metaad_bench.lock "$PY" mtd_kshot.py --model metaformer --init none --shots 1 2 4 8 \
             --seeds 0 1 2 --name metaformer_feature_random_init > logs/mtd_kshot_metaformer_feature_random_init.log 2>&1 ;;

@@ -96,8 +96,8 @@ def test_default_is_the_feature_space_and_the_paper_preset_is_pixel_space():
         Metaformer(space="latent")
     with pytest.raises(ValueError, match="adapt_optimizer"):
         Metaformer(adapt_optimizer="rmsprop")
-    state = [k for k in model.state_dict() if k != "fitted"]  # the backbone and P are kept apart
-    parts = ("autoencoder.", "transformer.", "feature_mean", "feature_std", "preprocess.")
+    state = [k for k in model.state_dict() if k != "fitted"]  # P is kept apart; the frozen backbone is saved
+    parts = ("autoencoder.", "transformer.", "feature_mean", "feature_std", "preprocess.", "backbone.")
     assert all(k.startswith(parts) for k in state)
 
 

@@ -200,6 +200,17 @@ def _fingerprint(model: nn.Module, settings: TrainingSettings, n_images: int) ->
     return {"model": type(model).__name__, "config": config, "n_images": n_images}
 
 
+def write_loss_log(workdir: str | Path, history: list[dict], title: str = "") -> None:
+    """``train_log.jsonl`` (one JSON line a row of ``history``, each with "epoch" and "loss") and
+    ``loss_curve.png`` in ``workdir``, both written atomically: for a method whose fit trains outside the loop
+    (Metaformer's few-step adaptation in feature space)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row) + "\n" for row in history)
+    atomic_write(workdir / LOSS_LOG, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    plot_loss_curve(history, workdir / LOSS_CURVE, title=title)
+
+
 def plot_loss_curve(history: list[dict], path: Path, title: str = "") -> None:
     """The loss per epoch as a PNG (written atomically)."""
     import matplotlib

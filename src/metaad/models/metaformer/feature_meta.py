@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from metaad.components.feature_cache import FrozenFeatures, frozen_part_key, weights_digest
@@ -95,7 +96,9 @@ def task_update(model: Metaformer, learner: Metaformer, features: FrozenFeatures
     """One task: ``learner`` starts at ``model``'s weights, standardises on the support set, runs the inner
     loop, and returns the outer direction (a gradient per parameter) and the query loss after adaptation."""
     device = device_of(model)
-    learner.load_state_dict(model.state_dict())
+    for part in ("autoencoder", "transformer"):
+        if getattr(model, part) is not None:
+            getattr(learner, part).load_state_dict(getattr(model, part).state_dict())
     support = [m.to(device) for m in features[torch.tensor(task.support)]]
     mean, std = channel_statistics(support[0])
     learner.feature_mean.copy_(mean)
@@ -120,6 +123,7 @@ def wild_features(model: Metaformer, paths: Sequence[str], out: Path, progress: 
         with Image.open(path) as image:
             images.append((pil_to_tensor(image, model.image_size) * 255).round().to(torch.uint8))
     train = TrainImages(torch.stack(images))
+    model.backbone.load_weights()
     model.preprocess.measure(train.batches())
     key = frozen_part_key(model.backbone, model.preprocess)
     if model.configuration != "A":
@@ -136,7 +140,8 @@ def write_universal(path: Path, model: Metaformer, config: FeatureMetaConfig, ex
         "adaptation": json.dumps({n: getattr(model, n) for n in INNER_LOOP_ARGS}),
         "meta_train": json.dumps({**asdict(config), **extra}),
     }
-    weights = {name: value for name, value in model.state_dict().items() if name != "fitted"}
+    weights = {name: value for name, value in model.state_dict().items()  # the backbone is read at fit
+               if name != "fitted" and not name.startswith("backbone.")}
     save_tensors(path, weights, metadata=metadata)
 
 
@@ -155,9 +160,11 @@ def meta_train_features(
     start, history = 0, []
     if resume and (out / CHECKPOINT).is_file():
         start, history = load_training_checkpoint(out / CHECKPOINT, identity=identity, **parts)
-    frozen, model.frozen = model.frozen, FrozenParts()  # the backbone and P are shared, never copied
+    frozen, backbone = model.frozen, model.backbone  # P and the backbone are shared, never copied
+    model.frozen, model.backbone = FrozenParts(), nn.Identity()
     learner = copy.deepcopy(model)
-    model.frozen = learner.frozen = frozen
+    model.frozen, model.backbone = frozen, backbone
+    learner.frozen, learner.backbone = frozen, backbone
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 7919 + epoch)

@@ -43,7 +43,7 @@ from metaad.models.metaformer.feature_space import (
     prior_weights,
     weighted_loss,
 )
-from metaad.training import train_model
+from metaad.training import train_model, write_loss_log
 from metaad.training.data import TrainImages
 from metaad.types import AnomalyPrediction, EpochEnd, TrainData, TrainingSettings, device_of
 
@@ -202,8 +202,6 @@ class FrozenParts:
     prior: nn.Module | None = None
     prior_injected: bool = False  # P came from set_prior: no file describes it
     feature_extractor: Backbone | None = None  # pixel space's "feature" map
-    backbone: Backbone | None = None  # feature space: what A reconstructs
-    backbone_loaded: bool = False
     prior_cache: dict[bytes, torch.Tensor] = field(default_factory=dict)
 
 
@@ -234,7 +232,9 @@ class Metaformer(nn.Module):
     loop, loss eq. (7) with λ = ``ssim_weight``.
     ``prior`` is the instance-prior weights file (None: metaad's shipped generator; "center-bias": a built-in
     stand-in); ``set_prior`` injects any module mapping (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in
-    [0, 1]. P and the backbone are frozen and not part of ``state_dict`` (:class:`FrozenParts`).
+    [0, 1]. P is frozen and not part of ``state_dict`` (:class:`FrozenParts`); the feature space's frozen
+    backbone is (a saved model scores without reading pretrained weights again), its weights read at ``fit``,
+    and universal models leave it out.
 
     Pixel space's anomaly map (``map_type``): "feature" is the gap measured by a frozen EfficientNet-Lite0
     (stages 2 and 3, I and Î seen at 256 px): 1 − cosine per location, upsampled, summed, smoothed with σ = 4;
@@ -303,10 +303,9 @@ class Metaformer(nn.Module):
             if space == "feature":
                 if image_size < 32 or image_size % 32:
                     raise ValueError(f"Metaformer image_size must be a multiple of 32, got {image_size}")
-                backbone = Backbone(FEATURE_BACKBONE, self.taps)  # its weights are read on first use
-                self.frozen.backbone = backbone
-                channels = sum(backbone.channels)
-                self.preprocess = Preprocess(image_size, standardize_images, backbone.normalization)
+                self.backbone = Backbone(FEATURE_BACKBONE, self.taps)  # its weights are read at fit
+                channels = sum(self.backbone.channels)
+                self.preprocess = Preprocess(image_size, standardize_images, self.backbone.normalization)
                 self.autoencoder = FeatureAutoencoder(channels, bottleneck, hidden)
                 self.transformer = GridTransformer(channels) if configuration == "A+P+T" else None
                 self.register_buffer("feature_mean", torch.zeros(channels))
@@ -389,21 +388,11 @@ class Metaformer(nn.Module):
 
     # -- feature space --------------------------------------------------------------------------------------
 
-    @property
-    def backbone(self) -> Backbone:
-        """Feature space: the frozen backbone whose features A reconstructs, its weights read on first use."""
-        if self.frozen.backbone is None:
-            raise AttributeError("a pixel-space Metaformer has no backbone of its own")
-        if not self.frozen.backbone_loaded:
-            self.frozen.backbone.load_weights()
-            self.frozen.backbone_loaded = True
-        return self.frozen.backbone
-
     @torch.no_grad()
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Feature space: [the frozen grid (B, C, h, w), unstandardised] of (B, 3, H, W) images in [0, 1], and
         P's R averaged onto the grid (B, 1, h, w) when the configuration uses P: what the feature cache holds."""
-        backbone = self.backbone.to(images.device)
+        backbone = self.backbone
         grid = feature_grid(backbone(self.preprocess(images)))
         if self.configuration == "A":
             return [grid]
@@ -447,10 +436,12 @@ class Metaformer(nn.Module):
         sigma = scaled_length(self.smoothing_sigma, self.image_size)
         return (gaussian_blur(errors, sigma) if sigma > 0 else errors)[:, 0]
 
-    def _adapt_features(self, train: TrainData, on_epoch_end: EpochEnd | None) -> None:
+    def _adapt_features(self, train: TrainData, on_epoch_end: EpochEnd | None, workdir: str | Path | None) -> None:
         """Meta-testing in feature space: the grid of every training image once (the feature cache), the
-        channel statistics, then the inner loop of meta-training (``feature_space.inner_loop``)."""
+        channel statistics, then the inner loop of meta-training (``feature_space.inner_loop``); its losses, a
+        step to a line, in ``workdir``'s training log."""
         train = TrainImages.from_data(train)
+        self.backbone.load_weights()
         self.preprocess.measure(train.batches())
         key = frozen_part_key(self.backbone, self.preprocess)
         if self.configuration != "A":
@@ -469,6 +460,9 @@ class Metaformer(nn.Module):
         )
         self.eval()
         self.fitted.fill_(True)
+        if workdir is not None:
+            history = [{"epoch": step, "loss": loss} for step, loss in enumerate(self.adaptation_losses, start=1)]
+            write_loss_log(workdir, history, title="Metaformer adaptation (steps)")
         if on_epoch_end is not None:
             on_epoch_end(1, self)
 
@@ -532,6 +526,8 @@ class Metaformer(nn.Module):
             raise ValueError(f"{path}: universal model was meta-trained with {saved}, this Metaformer has {mine}")
         state = load_tensors(path)
         state["fitted"] = self.fitted.new_tensor(False)  # meta-trained, not yet adapted (the file has no flag)
+        if self.space == "feature":  # the frozen backbone is not in a universal file: its weights are read at fit
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
         self.load_state_dict(state)
         return self
 
@@ -561,12 +557,12 @@ class Metaformer(nn.Module):
         on_epoch_end: EpochEnd | None = None,
     ) -> Metaformer:
         """Meta-testing (§3.1.1, eq. 6): adapt θ from ``init`` (or scratch) on defect-free images: in feature
-        space the meta-training inner loop (seconds: ``workdir`` and ``resume`` have nothing to keep), in pixel
-        space the shared training loop (``metaad.training``)."""
+        space the meta-training inner loop (seconds: ``workdir`` gets its loss log, ``resume`` has nothing to
+        continue), in pixel space the shared training loop (``metaad.training``)."""
         if self.init is not None:  # a resumed adaptation's checkpoint then replaces these weights
             self.load_universal(self.init)
         if self.space == "feature":
-            self._adapt_features(train, on_epoch_end)
+            self._adapt_features(train, on_epoch_end, workdir)
             return self
         self.frozen.prior_cache = {}
         try:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from metaad.models import create_model
 from metaad.models.metaformer.feature_space import (
+    FEATURE_TAPS,
     FeatureAutoencoder,
     GridTransformer,
     channel_statistics,
@@ -88,6 +89,7 @@ def test_inner_loop_lowers_the_loss_with_either_optimiser_and_checks_its_name():
 def test_default_is_the_feature_space_and_the_paper_preset_is_pixel_space():
     model = create_model("metaformer")
     assert (model.space, model.image_size, model.init) == ("feature", 256, "universal-feature")
+    assert model.taps == FEATURE_TAPS and model.configuration == "A"
     paper = create_model("metaformer", "paper")
     assert (paper.space, paper.image_size, paper.init, paper.map_type) == ("pixel", 256, None, "l2")
     assert create_model("metaformer", space="pixel").image_size == 64

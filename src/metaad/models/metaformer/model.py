@@ -32,7 +32,6 @@ from metaad.components.ssim import ssim_loss
 from metaad.data.transforms import normalize
 from metaad.io import load_tensors
 from metaad.models.metaformer.feature_space import (
-    FEATURE_TAPS,
     OPTIMIZERS,
     FeatureAutoencoder,
     GridTransformer,
@@ -268,7 +267,7 @@ class Metaformer(nn.Module):
         self,
         space: str = "feature", configuration: str | None = None, width_multiplier: float = 0.125,
         image_size: int | None = None, init: str | None = "shipped",
-        taps: tuple[int, ...] = FEATURE_TAPS, bottleneck: int = 32, hidden: int = 64,
+        taps: tuple[int, ...] = (2, 3, 4), bottleneck: int = 32, hidden: int = 64,
         adapt_steps: int = 30, adapt_optimizer: str = "adam", prior_weight: float = 1.0,
         standardize_images: str = "auto",
         adapt_epochs: int = 30, lr: float = 1e-3, batch_size: int = 16, ssim_weight: float = 0.1,

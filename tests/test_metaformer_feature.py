@@ -60,9 +60,9 @@ def test_transformer_starts_as_the_identity_and_prior_weights_never_drop_a_locat
     torch.testing.assert_close(transformer(torch.rand(2, 1, 8, 8), rebuilt), torch.ones(2, 1, 8, 8))
     with pytest.raises(ValueError, match="multiple"):
         transformer(torch.rand(2, 1, 6, 6), torch.randn(2, 6, 6, 6))
-    weights = prior_weights(torch.zeros(1, 1, 16, 16), (8, 8), 1.0)
-    assert weights.shape == (1, 1, 8, 8) and torch.equal(weights, torch.ones(1, 1, 8, 8))
-    assert prior_weights(None, (8, 8), 1.0) is None and prior_weights(torch.ones(1, 1, 8, 8), (8, 8), 0) is None
+    assert torch.equal(prior_weights(torch.zeros(1, 1, 8, 8), 1.0), torch.ones(1, 1, 8, 8))  # P off: A alone
+    torch.testing.assert_close(prior_weights(torch.full((1, 1, 8, 8), 0.5), 2.0), torch.full((1, 1, 8, 8), 2.0))
+    assert prior_weights(None, 1.0) is None and prior_weights(torch.ones(1, 1, 8, 8), 0) is None
     errors = torch.tensor([[[[1.0, 3.0]]]])
     assert weighted_loss(errors, torch.tensor([[[[1.0, 3.0]]]])) == pytest.approx(10 / 4)
     assert weighted_loss(errors, None) == pytest.approx(2.0)

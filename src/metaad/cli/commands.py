@@ -271,6 +271,7 @@ def _data_spec(args: argparse.Namespace, recorded: dict | None = None):
 
 
 def _model_params(args: argparse.Namespace) -> dict:
+    """``--param NAME=VALUE`` flags (values as JSON, else as strings), and fit's ``--init``."""
     params = {}
     for item in args.param:
         name, sep, value = item.partition("=")
@@ -280,7 +281,7 @@ def _model_params(args: argparse.Namespace) -> dict:
             params[name] = json.loads(value)
         except json.JSONDecodeError:
             params[name] = value
-    if args.init is not None:
+    if getattr(args, "init", None) is not None:  # fit's --init; meta-train has none
         params["init"] = args.init
     return params
 

@@ -131,17 +131,9 @@ def run_meta_train(args: argparse.Namespace) -> int:
 
 
 def _run_feature_meta_train(args: argparse.Namespace) -> int:
-    import json
+    from metaad.cli.commands import _model_params
 
-    params = {}
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--param {item!r}: expected NAME=VALUE")
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
+    params = _model_params(args)
     pixel_only = [flag for flag, value in (("--image-size", args.image_size), ("--width", args.width),
                                            ("--first-order/--second-order", args.first_order)) if value is not None]
     if pixel_only:

@@ -120,13 +120,11 @@ def _sinusoid(length: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return table[None]
 
 
-def prior_weights(prior: torch.Tensor | None, size: tuple[int, int], strength: float) -> torch.Tensor | None:
-    """P's weighting on a grid of ``size``: 1 + strength · R (errors on the salient object count up to
-    1 + strength times more; never zero, so a surface that P leaves out is still inspected)."""
+def prior_weights(prior: torch.Tensor | None, strength: float) -> torch.Tensor | None:
+    """P's weighting of R already on the feature grid: 1 + strength · R (errors on the salient object count up
+    to 1 + strength times more; never zero, so a surface that P leaves out is still inspected)."""
     if prior is None or strength == 0:
         return None
-    if prior.shape[-2:] != size:
-        prior = F.adaptive_avg_pool2d(prior, size)
     return 1 + strength * prior
 
 

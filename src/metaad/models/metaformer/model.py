@@ -297,6 +297,7 @@ class Metaformer(nn.Module):
         self.adapt_epochs, self.lr, self.batch_size, self.ssim_weight = adapt_epochs, lr, batch_size, ssim_weight
         self.prior, self.smoothing_sigma, self.map_type, self.seed = prior, smoothing_sigma, map_type, seed
         self.frozen = FrozenParts()
+        self.adaptation_losses: list[float] = []  # feature space: the last fit's inner-loop losses
         with torch.random.fork_rng():  # the initial weights depend on ``seed`` alone
             torch.manual_seed(seed)
             if space == "feature":
@@ -318,7 +319,7 @@ class Metaformer(nn.Module):
     def fit_summary(self) -> dict:
         if self.space == "pixel":
             return {}
-        losses = getattr(self, "adaptation_losses", [])
+        losses = self.adaptation_losses
         return {**self.preprocess.fit_summary(), "adapt_steps": len(losses),
                 **({"adapt_loss_first": losses[0], "adapt_loss_last": losses[-1]} if losses else {})}
 
@@ -391,12 +392,11 @@ class Metaformer(nn.Module):
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Feature space: [the frozen grid (B, C, h, w), unstandardised] of (B, 3, H, W) images in [0, 1], and
         P's R averaged onto the grid (B, 1, h, w) when the configuration uses P: what the feature cache holds."""
-        backbone = self.backbone
-        grid = feature_grid(backbone(self.preprocess(images)))
+        grid = feature_grid(self.backbone(self.preprocess(images)))
         if self.configuration == "A":
             return [grid]
         prior = self.compute_prior(resize(images.float(), self.image_size))
-        return [grid, F.avg_pool2d(prior, backbone.reductions[0])]  # a fixed pool: exports to ONNX
+        return [grid, F.avg_pool2d(prior, self.backbone.reductions[0])]  # a fixed pool: exports to ONNX
 
     def standardized(self, grid: torch.Tensor) -> torch.Tensor:
         """A grid in the units A works in: per channel, less the adaptation images' mean, over their spread."""
@@ -414,7 +414,7 @@ class Metaformer(nn.Module):
         grid = self.standardized(maps[0])
         prior = maps[1] if len(maps) > 1 else None
         errors = location_errors(grid, self.reconstruct(grid, prior))
-        return errors, prior_weights(prior, errors.shape[-2:], self.prior_weight)
+        return errors, prior_weights(prior, self.prior_weight)
 
     def grid_loss(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """The adaptation's (and meta-training's) loss: the P-weighted mean squared feature error."""

@@ -188,3 +188,13 @@ def test_shipped_feature_universal_model_loads_offline_adapts_and_says_how_it_wa
     assert record["inner_loop"]["adapt_steps"] == create_model("metaformer").adapt_steps  # adaptation = inner loop
     moved = create_model("metaformer", adapt_steps=2).fit(_texture(2, seed=0, size=256))
     assert any(not torch.equal(v, shipped[f"autoencoder.{k}"]) for k, v in moved.autoencoder.state_dict().items())
+
+
+def test_a_large_support_set_adapts_for_at_least_adapt_min_epochs_passes():
+    model = Metaformer(**TINY, adapt_steps=3, adapt_min_epochs=2, batch_size=4)
+    assert model.adaptation_steps(4) == 3  # a few images: the inner loop unchanged
+    assert model.adaptation_steps(10) == 5  # ⌈2 · 10 / 4⌉ passes' worth of steps
+    model.fit(_texture(10, seed=0))
+    assert model.fit_summary()["adapt_steps"] == 5
+    with pytest.raises(ValueError, match="adapt_min_epochs"):
+        Metaformer(**TINY, adapt_min_epochs=-1)

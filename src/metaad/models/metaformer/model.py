@@ -11,6 +11,7 @@ Meta-training (Algorithm 1) is ``maml.py`` and ``tasks.py`` beside this file; ``
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -227,8 +228,9 @@ class Metaformer(nn.Module):
     Adaptation (``fit``, meta-testing, §3.1.1 eq. 6). In feature space it is the meta-training inner loop,
     unchanged: ``adapt_steps`` steps of ``adapt_optimizer`` at ``lr`` on batches of ``batch_size`` features
     (all of them when there are fewer), so that what the universal model learned to do in a few steps is what
-    adaptation does. In pixel space: ``adapt_epochs`` epochs of Adam (§4: 30, lr 1e-4, batch 64) in the shared
-    loop, loss eq. (7) with λ = ``ssim_weight``.
+    adaptation does; ``adapt_min_epochs`` passes over the support set at least, when that takes more steps
+    (a large support set then trains longer). In pixel space: ``adapt_epochs`` epochs of Adam (§4: 30, lr 1e-4,
+    batch 64) in the shared loop, loss eq. (7) with λ = ``ssim_weight``.
     ``prior`` is the instance-prior weights file (None: metaad's shipped generator; "center-bias": a built-in
     stand-in); ``set_prior`` injects any module mapping (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in
     [0, 1]. P is frozen and not part of ``state_dict`` (:class:`FrozenParts`); the feature space's frozen
@@ -268,8 +270,8 @@ class Metaformer(nn.Module):
         space: str = "feature", configuration: str | None = None, width_multiplier: float = 0.125,
         image_size: int | None = None, init: str | None = "shipped",
         taps: tuple[int, ...] = (2, 3, 4), bottleneck: int = 32, hidden: int = 64,
-        adapt_steps: int = 30, adapt_optimizer: str = "adam", prior_weight: float = 1.0,
-        standardize_images: str = "auto",
+        adapt_steps: int = 30, adapt_min_epochs: float = 0.0, adapt_optimizer: str = "adam",
+        prior_weight: float = 1.0, standardize_images: str = "auto",
         adapt_epochs: int = 30, lr: float = 1e-3, batch_size: int = 16, ssim_weight: float = 0.1,
         prior: str | None = None, smoothing_sigma: float = 4.0, map_type: str = "feature", seed: int = 0,
     ) -> None:
@@ -287,12 +289,15 @@ class Metaformer(nn.Module):
             raise ValueError(f"adapt_optimizer must be one of {OPTIMIZERS}, got {adapt_optimizer!r}")
         if adapt_steps < 0:
             raise ValueError(f"adapt_steps must be at least 0, got {adapt_steps}")
+        if not adapt_min_epochs >= 0:
+            raise ValueError(f"adapt_min_epochs must be at least 0, got {adapt_min_epochs}")
         image_size = DEFAULT_SIZE[space] if image_size is None else image_size
         init = DEFAULT_INIT[space] if init == "shipped" else init
         self.space, self.configuration, self.width_multiplier = space, configuration, width_multiplier
         self.image_size, self.init = image_size, init
         self.taps, self.bottleneck, self.hidden = tuple(taps), bottleneck, hidden
         self.adapt_steps, self.adapt_optimizer, self.prior_weight = adapt_steps, adapt_optimizer, prior_weight
+        self.adapt_min_epochs = adapt_min_epochs
         self.standardize_images = standardize_images
         self.adapt_epochs, self.lr, self.batch_size, self.ssim_weight = adapt_epochs, lr, batch_size, ssim_weight
         self.prior, self.smoothing_sigma, self.map_type, self.seed = prior, smoothing_sigma, map_type, seed
@@ -435,6 +440,11 @@ class Metaformer(nn.Module):
         sigma = scaled_length(self.smoothing_sigma, self.image_size)
         return (gaussian_blur(errors, sigma) if sigma > 0 else errors)[:, 0]
 
+    def adaptation_steps(self, count: int) -> int:
+        """The inner loop's step count on ``count`` support images: ``adapt_steps``, or more when
+        ``adapt_min_epochs`` passes over a large support set need more."""
+        return max(self.adapt_steps, math.ceil(self.adapt_min_epochs * count / self.batch_size))
+
     def _adapt_features(self, train: TrainData, on_epoch_end: EpochEnd | None, workdir: str | Path | None) -> None:
         """Meta-testing in feature space: the grid of every training image once (the feature cache), the
         channel statistics, then the inner loop of meta-training (``feature_space.inner_loop``); its losses, a
@@ -455,7 +465,7 @@ class Metaformer(nn.Module):
         generator = torch.Generator().manual_seed(self.seed)
         self.adaptation_losses = inner_loop(
             self, lambda index: self.grid_loss([m.to(device) for m in features[index]]), len(features),
-            self.adapt_steps, self.lr, self.batch_size, self.adapt_optimizer, generator,
+            self.adaptation_steps(len(features)), self.lr, self.batch_size, self.adapt_optimizer, generator,
         )
         self.eval()
         self.fitted.fill_(True)

@@ -135,6 +135,10 @@ def mtd_runs(records: list[dict]) -> list[Run]:
             runs.append(Run(r["name"], r, method_of(r), r, options))
         elif r.get("data", "").startswith("k-shot") and "all" in r.get("results", {}):
             runs.append(Run(r["name"], r, method_of(r), r["results"]["all"], options, "all 762 images"))
+        elif r.get("data", "").startswith("k-shot") and "all" in r.get("summary", {}):
+            figures = {m: v["mean"] for m, v in r["summary"]["all"].items()}
+            runs.append(Run(r["name"], r, method_of(r), figures, options,
+                            f"all 762 images, mean of {len(r['seeds'])} seeds"))
     return runs
 
 

@@ -96,9 +96,10 @@ class UNetAutoencoder(nn.Module):
         epochs, batch_size, lr, weight_decay: training (A.2.5: 100 epochs, batch 16, Adam lr 1e-4, wd 5e-4).
         seed: seeds the initial weights, the training order and the corruptions.
 
-    The default (= ``"cpu"``) is sized for 2 CPU cores: 128 px instead of 256, width 16 and 25 epochs instead
-    of 100 at lr 1e-3 instead of 1e-4 (54 s an epoch for ~760 images on 2 cores: ~23 minutes). What it gives
-    up: defects below ~2 px at 128 px and the finer reconstruction of a longer training.
+    The default (= ``"cpu"``) is sized for 2 CPU cores: 128 px instead of 256, width 32 and 21 epochs instead
+    of 100 at lr 1e-3 instead of 1e-4 (about 40 minutes for ~760 images on 2 cores), chosen on held-out
+    training images with low-contrast synthetic defects among widths and sizes at equal CPU time
+    (``benchmarks/NOTES.md``). What it gives up: defects below ~2 px at 128 px and a longer training.
     ``"paper"``: 256 px, width 64 (the usual U-Net width; A.2.5 gives none), 100 epochs. ``"tiny"``: tests.
     """
 
@@ -112,10 +113,10 @@ class UNetAutoencoder(nn.Module):
 
     def __init__(
         self,
-        image_size: int = 128, width: int = 16, skips: int = 1,
+        image_size: int = 128, width: int = 32, skips: int = 1,
         map_type: str = "l2", corruption_probability: float = 0.5, corruption_colour: str = "auto",
         corruption_kinds: str = "mixed", blur_sigma: float = 4.0, ssim_window: int = 11,
-        epochs: int = 25, batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0,
+        epochs: int = 21, batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0,
     ) -> None:
         super().__init__()
         if map_type not in ("l2", "ssim"):

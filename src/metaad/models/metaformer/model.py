@@ -270,7 +270,7 @@ class Metaformer(nn.Module):
         space: str = "feature", configuration: str | None = None, width_multiplier: float = 0.125,
         image_size: int | None = None, init: str | None = "shipped",
         taps: tuple[int, ...] = (2, 3, 4), bottleneck: int = 32, hidden: int = 64,
-        adapt_steps: int = 30, adapt_min_epochs: float = 0.0, adapt_optimizer: str = "adam",
+        adapt_steps: int = 30, adapt_min_epochs: float = 10.0, adapt_optimizer: str = "adam",
         prior_weight: float = 1.0, standardize_images: str = "auto",
         adapt_epochs: int = 30, lr: float = 1e-3, batch_size: int = 16, ssim_weight: float = 0.1,
         prior: str | None = None, smoothing_sigma: float = 4.0, map_type: str = "feature", seed: int = 0,

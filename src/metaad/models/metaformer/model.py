@@ -228,8 +228,8 @@ class Metaformer(nn.Module):
     Adaptation (``fit``, meta-testing, §3.1.1 eq. 6). In feature space it is the meta-training inner loop,
     unchanged: ``adapt_steps`` steps of ``adapt_optimizer`` at ``lr`` on batches of ``batch_size`` features
     (all of them when there are fewer), so that what the universal model learned to do in a few steps is what
-    adaptation does; ``adapt_min_epochs`` passes over the support set at least, when that takes more steps
-    (a large support set then trains longer). In pixel space: ``adapt_epochs`` epochs of Adam (§4: 30, lr 1e-4,
+    adaptation does; a support set larger than a batch gets ``adapt_min_epochs`` passes at least, when that
+    takes more steps (many images then train longer). In pixel space: ``adapt_epochs`` epochs of Adam (§4: 30, lr 1e-4,
     batch 64) in the shared loop, loss eq. (7) with λ = ``ssim_weight``.
     ``prior`` is the instance-prior weights file (None: metaad's shipped generator; "center-bias": a built-in
     stand-in); ``set_prior`` injects any module mapping (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in
@@ -441,8 +441,10 @@ class Metaformer(nn.Module):
         return (gaussian_blur(errors, sigma) if sigma > 0 else errors)[:, 0]
 
     def adaptation_steps(self, count: int) -> int:
-        """The inner loop's step count on ``count`` support images: ``adapt_steps``, or more when
-        ``adapt_min_epochs`` passes over a large support set need more."""
+        """The inner loop's step count on ``count`` support images: ``adapt_steps`` when they fit in one batch
+        (as every meta-training task does), else enough steps for ``adapt_min_epochs`` passes if that is more."""
+        if count <= self.batch_size:
+            return self.adapt_steps
         return max(self.adapt_steps, math.ceil(self.adapt_min_epochs * count / self.batch_size))
 
     def _adapt_features(self, train: TrainData, on_epoch_end: EpochEnd | None, workdir: str | Path | None) -> None:

@@ -592,3 +592,23 @@ def test_meta_train_command_at_another_size_then_fit_adapts_from_it(tmp_path, sy
     assert json.loads((tmp_path / "run" / "config.json").read_text())["params"]["init"] == str(universal)
     with pytest.raises(ValueError, match="width_multiplier"):
         Metaformer(width_multiplier=0, init=None)
+
+
+def test_mixed_precision_and_channels_last_keep_the_meta_gradient():
+    """The GPU path's numerics (bf16 autocast, float32 loss; channels-last batches) agree with float32."""
+    torch.manual_seed(0)
+    model = Metaformer(**TINY)
+    support = (_images(2, seed=1), model.compute_prior(_images(2, seed=1)))
+    query = (_images(2, seed=2), model.compute_prior(_images(2, seed=2)))
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    exact, exact_loss = meta_gradient(metaformer_loss(model), params, buffers, support, query, 0.1, first_order=True)
+    mixed, mixed_loss = meta_gradient(metaformer_loss(model, mixed_precision=True), params, buffers, support, query,
+                                      0.1, first_order=True)
+    assert mixed_loss.dtype == torch.float32 and abs(float(mixed_loss) - float(exact_loss)) < 0.05 * float(exact_loss)
+    flat = torch.cat([g.flatten() for g in exact.values()])
+    flat_mixed = torch.cat([g.flatten() for g in mixed.values()])
+    assert torch.nn.functional.cosine_similarity(flat, flat_mixed, dim=0) > 0.95
+    layout = tuple(t.contiguous(memory_format=torch.channels_last) for t in support)
+    torch.testing.assert_close(metaformer_loss(model)(params, buffers, layout),
+                               metaformer_loss(model)(params, buffers, support))

@@ -71,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     parser.add_argument(
+        "--mixed-precision", action="store_true",
+        help="pixel space: forward passes under bfloat16 autocast, the losses in float32 (for a GPU)",
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="pixel space: channels-last memory layout (for a GPU)"
+    )
+    parser.add_argument(
         "--image-size", type=int, default=None, metavar="PX",
         help="override the preset's image side (a multiple of 32; cpu 64, paper 256); adapt the result with "
         "--param image_size=PX",
@@ -124,6 +131,8 @@ def run_meta_train(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         seed=args.seed,
         device=args.device,
+        mixed_precision=args.mixed_precision,
+        channels_last=args.channels_last,
     )
     if distributed_context()[0] == 0:
         print(path)
@@ -135,7 +144,9 @@ def _run_feature_meta_train(args: argparse.Namespace) -> int:
 
     params = _model_params(args)
     pixel_only = [flag for flag, value in (("--image-size", args.image_size), ("--width", args.width),
-                                           ("--first-order/--second-order", args.first_order)) if value is not None]
+                                           ("--first-order/--second-order", args.first_order),
+                                           ("--mixed-precision", args.mixed_precision or None),
+                                           ("--channels-last", args.channels_last or None)) if value is not None]
     if pixel_only:
         raise SystemExit(f"metaad meta-train --space feature: {', '.join(pixel_only)} are for --space pixel "
                          "(set the feature model's architecture with --param)")

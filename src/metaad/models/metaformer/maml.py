@@ -59,6 +59,8 @@ class MetaTrainConfig:
     decay_every: int = 20
     first_order: bool = False
     seed: int = 0
+    mixed_precision: bool = False  # forward passes under bf16 autocast, the loss in float32 (a GPU's speed)
+    channels_last: bool = False  # the model and its batches in channels-last memory layout (a GPU's speed)
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {},
@@ -115,12 +117,14 @@ def meta_gradient(
         return grad_and_value(query_loss)(params, buffers)
 
 
-def metaformer_loss(model: Metaformer) -> LossFn:
-    """Eq. (7) of ``model`` called functionally; a batch is (images,) or (images, prior maps)."""
+def metaformer_loss(model: Metaformer, mixed_precision: bool = False) -> LossFn:
+    """Eq. (7) of ``model`` called functionally; a batch is (images,) or (images, prior maps).
+    ``mixed_precision``: the forward pass under bfloat16 autocast, the loss computed in float32."""
 
     def loss_fn(params: Tensors, buffers: Tensors, batch: Batch) -> torch.Tensor:
-        output = functional_call(model, (params, buffers), batch)
-        return reconstruction_loss(output, batch[0], model.ssim_weight)
+        with torch.autocast(batch[0].device.type, torch.bfloat16, enabled=mixed_precision):
+            output = functional_call(model, (params, buffers), batch)
+        return reconstruction_loss(output.float(), batch[0], model.ssim_weight)
 
     return loss_fn
 
@@ -225,11 +229,19 @@ class WildImages:
         if cache is not None:
             save_tensors(cache, {"priors": self.priors})
 
-    def batch(self, index: torch.Tensor, device: torch.device) -> Batch:
-        images = self.images[index].to(device).float() / 255
+    def to(self, device: torch.device | str) -> WildImages:
+        """Keep the decoded images (and priors) on ``device``: a GPU then reads no batch from host memory."""
+        self.images = self.images.to(device)
+        self.priors = None if self.priors is None else self.priors.to(device)
+        return self
+
+    def batch(self, index: torch.Tensor, device: torch.device, channels_last: bool = False) -> Batch:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        images = (self.images[index.to(self.images.device)].to(device).float() / 255).contiguous(memory_format=layout)
         if self.priors is None:
             return (images,)
-        return images, self.priors[index].to(device).float() / 255
+        priors = self.priors[index.to(self.priors.device)].to(device).float() / 255
+        return images, priors.contiguous(memory_format=layout)
 
 
 def _prior_cache(paths: Sequence[str], model: Metaformer, cache_dir: str | Path | None) -> Path | None:
@@ -288,7 +300,9 @@ def meta_train(
     out = Path(out)
     rank, world = distributed_context()
     device = device_of(model)
-    loss_fn = metaformer_loss(model)
+    loss_fn = metaformer_loss(model, config.mixed_precision)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.outer_lr)
     identity = {  # a resumed run may be given more epochs
         "model": {n: getattr(model, n) for n in ARCHITECTURE_ARGS},
@@ -311,7 +325,8 @@ def meta_train(
         )
         for step in bar:
             tasks = [
-                (data.batch(s, device), data.batch(q, device)) if i % world == rank else None
+                (data.batch(s, device, config.channels_last), data.batch(q, device, config.channels_last))
+                if i % world == rank else None
                 for i, (s, q) in enumerate(step)
             ]
             losses.append(meta_step(model, optimizer, loss_fn, tasks, config))
@@ -360,18 +375,22 @@ def run_meta_training(
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
+    mixed_precision: bool = False,
+    channels_last: bool = False,
 ) -> Path:
     """The ``metaad meta-train`` pipeline: meta-tasks (§3.1.1) → wild images and priors → Algorithm 1.
 
     ``image_size`` and ``width_multiplier`` override the preset's architecture, ``first_order`` and ``epochs``
-    its schedule (None: the preset's).
+    its schedule (None: the preset's); ``mixed_precision`` and ``channels_last`` are the config's. On a GPU
+    the decoded wild images are kept on it.
     Launched with torchrun, it joins the process group (gloo on CPU, NCCL on GPUs) and splits tasks by rank.
     """
     from metaad.models.metaformer.tasks import build_meta_tasks, list_wild_images
 
     if preset not in MetaTrainConfig.PRESETS:
         raise ValueError(f"unknown meta-train preset {preset!r}; expected one of {sorted(MetaTrainConfig.PRESETS)}")
-    overrides = {"seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+    overrides = {"seed": seed, "mixed_precision": mixed_precision, "channels_last": channels_last,
+                 **({"epochs": epochs} if epochs is not None else {})}
     if first_order is not None:
         overrides["first_order"] = first_order
     config = MetaTrainConfig(**{**MetaTrainConfig.PRESETS[preset], **overrides})
@@ -411,6 +430,8 @@ def run_meta_training(
     )
     model.to(device)
     data = WildImages(used, model, progress=progress and rank == 0, cache_dir=out_dir if rank == 0 else None)
+    if torch.device(device).type == "cuda":
+        data.to(device)
     if rank == 0 and progress:
         tqdm.write(
             f"meta-training on {len(used)} wild images in {len(groups)} fine groups, "

@@ -43,7 +43,7 @@ DEFAULT_RUNS = {
         "unet_autoencoder": "mtd_unet_autoencoder",  # the l2 map; mtd_unet_autoencoder_ssim is the option
         "multiscale_patch": "mtd_multiscale_patch",  # standardize_images="auto"; the paper preset is an option
         "glance": "mtd_glance_validated",  # standardised descriptors, head lr = Global-Net's
-        "metaformer": "mtd_kshot_metaformer_default_fo_feature",  # first-order universal model, feature map
+        "metaformer": "mtd_kshot_metaformer_feature_min_epochs10_seeds0-1-2",  # feature space, A, 10 passes
         "uniad": "mtd_uniad",
     },
     "synthetic": {
@@ -54,12 +54,12 @@ DEFAULT_RUNS = {
         "unet_autoencoder": "unet_autoencoder_synthetic",  # its only run: 60 epochs
         "multiscale_patch": "multiscale_patch_synthetic",
         "glance": "glance_synthetic_validated",
-        "metaformer": "metaformer_synthetic_default_fo_feature",
+        "metaformer": "metaformer_synthetic_metaformer_synthetic_feature_default",  # feature space, A
         "uniad": "uniad_synthetic",
     },
     "kshot": {
         "patchcore": "mtd_kshot_patchcore_seeds0-1-2",
-        "metaformer": "mtd_kshot_metaformer_default_fo_feature_seeds0-1-2",
+        "metaformer": "mtd_kshot_metaformer_feature_default_seeds0-1-2",  # feature space, A, 30 steps (k <= 16)
     },
     "one_class": {"glance": "glance_one_class_validated"},
 }

@@ -42,7 +42,7 @@ DEFAULT_RUNS = {
         "draem": "mtd_draem",  # mtd_draem_dtd uses DTD textures (an option)
         "unet_autoencoder": "mtd_unet_autoencoder",  # the l2 map; mtd_unet_autoencoder_ssim is the option
         "multiscale_patch": "mtd_multiscale_patch",  # standardize_images="auto"; the paper preset is an option
-        "glance": "mtd_glance_validated",  # standardised descriptors, head lr = Global-Net's
+        "glance": "mtd_glance_dense",  # dense Local-Net pass on the 4 px grid, luma stains
         "metaformer": "mtd_kshot_metaformer_feature_min_epochs10_seeds0-1-2",  # feature space, A, 10 passes
         "uniad": "mtd_uniad",
     },

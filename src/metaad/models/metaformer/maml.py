@@ -42,6 +42,7 @@ LossFn = Callable[[Tensors, Tensors, Batch], torch.Tensor]
 CHECKPOINT = "checkpoint.safetensors"
 PROGRESS = "progress.json"
 UNIVERSAL = "universal.safetensors"
+SPEED_OPTIONS = ("mixed_precision", "channels_last")  # MetaTrainConfig's fields that change speed, not the task
 
 
 @dataclass
@@ -304,9 +305,9 @@ def meta_train(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.outer_lr)
-    identity = {  # a resumed run may be given more epochs
+    identity = {  # a resumed run may be given more epochs, and may change how fast the same steps run
         "model": {n: getattr(model, n) for n in ARCHITECTURE_ARGS},
-        "config": {k: v for k, v in asdict(config).items() if k != "epochs"},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("epochs", *SPEED_OPTIONS)},
     }
     parts = {"modules": {"model": model}, "optimizers": {"optimizer": optimizer}}
     start, history = 0, []

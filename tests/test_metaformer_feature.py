@@ -198,3 +198,16 @@ def test_a_large_support_set_adapts_for_at_least_adapt_min_epochs_passes():
     assert model.fit_summary()["adapt_steps"] == 5
     with pytest.raises(ValueError, match="adapt_min_epochs"):
         Metaformer(**TINY, adapt_min_epochs=-1)
+
+
+def test_a_save_from_before_adapt_min_epochs_loads_adapting_as_it_did(tmp_path):
+    from metaad.models.persistence import CONFIG_FILE, load_model, save_model
+
+    model = Metaformer(**TINY, adapt_steps=2).fit(_texture(4, seed=0))
+    save_model(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del config["params"]["adapt_min_epochs"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    again = load_model(tmp_path)
+    assert again.adapt_min_epochs == 0.0 and Metaformer(**TINY).adapt_min_epochs == 10.0
+    torch.testing.assert_close(again.predict(_texture(2, seed=3)).scores, model.predict(_texture(2, seed=3)).scores)

@@ -243,7 +243,8 @@ class Metaformer(nn.Module):
     The image score is the map's maximum. The feature space's settings were chosen on held-out MTD training
     images with synthetic defects (rule and figures in ``benchmarks/NOTES.md``).
 
-    Saves of metaad before the feature space existed load in pixel space (and before the feature map, "l2").
+    Saves of metaad before the feature space existed load in pixel space (and before the feature map, "l2"; before
+    ``adapt_min_epochs``, with 0: a refit adapts as it did).
 
     Args:
         width_multiplier: pixel space: channel width of A, P's and T's convolutions relative to Table 1.
@@ -255,7 +256,7 @@ class Metaformer(nn.Module):
         seed: seeds the initial weights (when ``init`` is None) and the adaptation's order.
     """
 
-    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2", "space": "pixel"}
+    SAVED_WITHOUT: ClassVar[dict[str, object]] = {"map_type": "l2", "space": "pixel", "adapt_min_epochs": 0.0}
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"space": "pixel", "width_multiplier": 1.0, "image_size": 256, "init": None, "batch_size": 64,

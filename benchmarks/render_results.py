@@ -39,7 +39,7 @@ DEFAULT_RUNS = {
         "patchcore": "mtd_patchcore_ivf",
         "reverse_distillation": "mtd_reverse_distillation_lite0",  # decoder 64/128/256, stride-16 loss+map, 12 ep
         "fastflow": "mtd_fastflow_lite0",  # hidden ratio 4, 3x3-only subnets (issue 25's validation)
-        "draem": "mtd_draem",  # mtd_draem_dtd uses DTD textures (an option)
+        "draem": "mtd_draem_grid",  # 128 px, 16 / 16, 34 epochs, auto / mixed simulator (issue 29 grid)
         "unet_autoencoder": "mtd_unet_autoencoder",  # the l2 map; mtd_unet_autoencoder_ssim is the option
         "multiscale_patch": "mtd_multiscale_patch",  # standardize_images="auto"; the paper preset is an option
         "glance": "mtd_glance_dense",  # dense Local-Net pass on the 4 px grid, luma stains

@@ -46,7 +46,7 @@ RECORDS = {  # names of DEFAULT_RUNS' MTD entries for patchcore and draem, and a
     "mtd_patchcore_exact": _mtd_record(
         "patchcore", "python benchmarks/mtd_benchmark.py --model patchcore --search exact --name x", 0.95
     ),
-    "mtd_draem": _mtd_record("draem", "python benchmarks/mtd_benchmark.py --model draem --threads 1", 0.97),
+    "mtd_draem_grid": _mtd_record("draem", "python benchmarks/mtd_benchmark.py --model draem --threads 1", 0.97),
 }
 
 
@@ -94,11 +94,11 @@ def test_render_results_on_fabricated_records(render_results, tmp_path, monkeypa
 def test_links_are_relative_to_the_page(render_results, tmp_path, monkeypatch):
     results = tmp_path / "records"
     results.mkdir()
-    (results / "mtd_draem.json").write_text(json.dumps(RECORDS["mtd_draem"]))
+    (results / "mtd_draem_grid.json").write_text(json.dumps(RECORDS["mtd_draem_grid"]))
     out = tmp_path / "site" / "page.md"
     monkeypatch.setattr(sys, "argv", ["render_results.py", "--results", str(results), "--out", str(out)])
     render_results.main()
-    assert "](../records/mtd_draem.json)" in out.read_text()
+    assert "](../records/mtd_draem_grid.json)" in out.read_text()
 
 
 def test_unified_and_separate_records_pair_up_in_their_own_table(render_results):

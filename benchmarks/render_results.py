@@ -51,7 +51,7 @@ DEFAULT_RUNS = {
         "reverse_distillation": "reverse_distillation_synthetic_lite0",
         "fastflow": "fastflow_synthetic_lite0",
         "draem": "draem_synthetic",  # its only run: 60 epochs
-        "unet_autoencoder": "unet_autoencoder_synthetic",  # its only run: 60 epochs
+        "unet_autoencoder": "unet_autoencoder_synthetic_grid_defaults",  # width 32, 21 epochs (issue 29 grid)
         "multiscale_patch": "multiscale_patch_synthetic",
         "glance": "glance_synthetic_validated",
         "metaformer": "metaformer_synthetic_metaformer_synthetic_feature_default",  # feature space, A

@@ -50,7 +50,7 @@ DEFAULT_RUNS = {
         "patchcore": "patchcore_synthetic",  # today's defaults through synthetic_benchmark.py, as the others
         "reverse_distillation": "reverse_distillation_synthetic_lite0",
         "fastflow": "fastflow_synthetic_lite0",
-        "draem": "draem_synthetic",  # its only run: 60 epochs
+        "draem": "draem_synthetic_grid_defaults",  # 16 / 16, 34 epochs, auto / mixed (issue 29 grid)
         "unet_autoencoder": "unet_autoencoder_synthetic_grid_defaults",  # width 32, 21 epochs (issue 29 grid)
         "multiscale_patch": "multiscale_patch_synthetic",
         "glance": "glance_synthetic_validated",

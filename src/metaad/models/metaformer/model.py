@@ -229,8 +229,8 @@ class Metaformer(nn.Module):
     unchanged: ``adapt_steps`` steps of ``adapt_optimizer`` at ``lr`` on batches of ``batch_size`` features
     (all of them when there are fewer), so that what the universal model learned to do in a few steps is what
     adaptation does; a support set larger than a batch gets ``adapt_min_epochs`` passes at least, when that
-    takes more steps (many images then train longer). In pixel space: ``adapt_epochs`` epochs of Adam (§4: 30, lr 1e-4,
-    batch 64) in the shared loop, loss eq. (7) with λ = ``ssim_weight``.
+    takes more steps (many images then train longer). In pixel space: ``adapt_epochs`` epochs of Adam (§4:
+    30, lr 1e-4, batch 64) in the shared loop, loss eq. (7) with λ = ``ssim_weight``.
     ``prior`` is the instance-prior weights file (None: metaad's shipped generator; "center-bias": a built-in
     stand-in); ``set_prior`` injects any module mapping (B, 3, H, W) images in [0, 1] to R (B, 1, H, W) in
     [0, 1]. P is frozen and not part of ``state_dict`` (:class:`FrozenParts`); the feature space's frozen
@@ -243,8 +243,8 @@ class Metaformer(nn.Module):
     The image score is the map's maximum. The feature space's settings were chosen on held-out MTD training
     images with synthetic defects (rule and figures in ``benchmarks/NOTES.md``).
 
-    Saves of metaad before the feature space existed load in pixel space (and before the feature map, "l2"; before
-    ``adapt_min_epochs``, with 0: a refit adapts as it did).
+    Saves of metaad before the feature space existed load in pixel space (before the feature map, with "l2";
+    before ``adapt_min_epochs``, with 0: a refit adapts as it did).
 
     Args:
         width_multiplier: pixel space: channel width of A, P's and T's convolutions relative to Table 1.
